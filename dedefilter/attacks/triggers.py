@@ -1,0 +1,34 @@
+"""Triggers that attacks paste into images (evaluation only: the filter itself never sees them)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PatchTrigger:
+    """A black/white checkerboard patch pasted at a fixed corner position (BadEncoder-style).
+
+    ``size`` pixels square, checker cells of ``cell`` pixels, top-left corner at (``y``, ``x``) of the
+    32x32 image. The default sits inside Fashion-MNIST's 28x28 content area, bottom right.
+    """
+
+    size: int = 6
+    cell: int = 2
+    y: int = 24
+    x: int = 24
+
+    def pattern(self) -> np.ndarray:
+        idx = np.arange(self.size) // self.cell
+        return np.where((idx[:, None] + idx[None, :]) % 2 == 0, 255, 0).astype(np.uint8)
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> a triggered copy; pixels outside the patch are untouched."""
+        triggered = images.copy()
+        triggered[:, self.y:self.y + self.size, self.x:self.x + self.size, :] = self.pattern()[..., None]
+        return triggered
+
+    def describe(self) -> dict:
+        return {"kind": "patch", **asdict(self)}

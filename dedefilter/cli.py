@@ -1,0 +1,180 @@
+"""``dedefilter`` command line: shards, train, calibrate, filter, demo.
+
+The one place where flags become config dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields, replace
+
+import numpy as np
+
+from . import calibration
+from .config import DeDeConfig
+from .data import DataUnavailable, fashion_mnist, photo_patches
+from .detector import CheckpointError, Detector
+from .encoders import load_encoder
+
+
+def image_source(spec: str, count: int, seed: int) -> np.ndarray:
+    """Images named by a source spec: ``fashion-mnist[:train|test]``, ``photos``, or shard paths/urls."""
+    rng = np.random.default_rng(seed)
+    if spec.startswith("fashion-mnist"):
+        images, _ = fashion_mnist(spec.partition(":")[2] or "train")
+        return images[np.sort(rng.choice(len(images), min(count, len(images)), replace=False))]
+    if spec == "photos":
+        return photo_patches(count, seed)
+    from .shards import decode_shards
+
+    return decode_shards(spec.split(","), limit=count)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(DeDeConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                            help=f"DeDe setting (default {f.default})")
+
+
+def config_from(args: argparse.Namespace) -> DeDeConfig:
+    overrides = {f.name: getattr(args, f.name) for f in fields(DeDeConfig) if getattr(args, f.name) is not None}
+    return replace(DeDeConfig(), **overrides)
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from .shards import write_image_shards
+
+    images, labels = fashion_mnist(args.split)
+    images, labels = images[:args.limit], labels[:args.limit]
+    keys = [f"fmnist-{args.split}-{i:05d}" for i in range(len(images))]
+    paths = write_image_shards(args.out, images, keys, labels, shard_size=args.shard_size)
+    print(f"wrote {len(images)} samples to {len(paths)} shards in {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training import train_model
+
+    encoder = load_encoder(args.encoder)
+    aux = image_source(args.aux, args.n_aux, args.seed or 0)
+    model, record = train_model(encoder, aux, config_from(args))
+    Detector(model, encoder.name, encoder.fingerprint, record=record | {"aux": args.aux}).save(args.out)
+    print(f"saved detector for {encoder.name} to {args.out}: {json.dumps(record)}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .scoring import Scorer
+
+    if args.value is not None:
+        threshold = calibration.fixed(args.value)
+        encoder_fingerprint = None
+    else:
+        encoder = load_encoder(args.encoder)
+        encoder_fingerprint = encoder.fingerprint
+        detector = Detector.load(args.detector, encoder_fingerprint)
+        images = image_source(args.reference, args.n_reference, args.seed)
+        scorer = Scorer(encoder, detector)
+        keys = [f"reference-{i}" for i in range(len(images))]
+        scores = np.concatenate([scorer.score(images[i:i + 256], keys[i:i + 256]).scores
+                                 for i in range(0, len(images), 256)])
+        threshold = (calibration.for_false_positive_rate(scores, args.fpr) if args.fpr is not None
+                     else calibration.for_contamination(scores, args.contamination))
+    detector = Detector.load(args.detector, encoder_fingerprint)
+    detector.with_threshold(threshold).save(args.out or args.detector)
+    print(f"threshold {json.dumps(threshold.to_dict())} saved to {args.out or args.detector}")
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    import braceexpand
+
+    from .job import filter_shards
+    from .scoring import Scorer
+    from .stage import StageConfig
+
+    encoder = load_encoder(args.encoder)
+    detector = Detector.load(args.detector, encoder.fingerprint)
+    threshold = calibration.fixed(args.threshold) if args.threshold is not None else None
+    urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
+    stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate)
+    result = filter_shards(urls, Scorer(encoder, detector), args.out, threshold, stage,
+                           num_workers=args.workers, write_shards=not args.no_shards, overwrite=args.overwrite)
+    print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
+                      **result.ledger, "samples_per_s": round(result.samples_per_s, 1)}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    config = DemoConfig(retrain=args.retrain)
+    if args.quick:
+        config = replace(config, n_test=2000, n_aux=2000, n_reference=1000, epochs=3)
+    run_demo(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dedefilter", description="DeDe backdoor-sample filter for image datasets")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("shards", help="write Fashion-MNIST as WebDataset shards (key, png, cls)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.set_defaults(run=cmd_shards)
+
+    p = sub.add_parser("train", help="train a DeDe detector for an encoder on auxiliary images")
+    p.add_argument("--encoder", required=True, help="bundled name, file, torchvision:NAME or module:factory")
+    p.add_argument("--aux", default="fashion-mnist:train", help="fashion-mnist[:split], photos, or shard paths")
+    p.add_argument("--n-aux", type=int, default=10_000)
+    p.add_argument("--out", required=True)
+    add_config_flags(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("calibrate", help="store a threshold in a detector checkpoint")
+    p.add_argument("--detector", required=True)
+    p.add_argument("--encoder")
+    p.add_argument("--reference", default="fashion-mnist:test", help="images to score (see train --aux)")
+    p.add_argument("--n-reference", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write here instead of updating --detector")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--fpr", type=float, help="target false-positive rate on clean reference images")
+    how.add_argument("--contamination", type=float, help="expected poisoned fraction of the reference images")
+    how.add_argument("--value", type=float, help="a fixed threshold")
+    p.set_defaults(run=cmd_calibrate)
+
+    p = sub.add_parser("filter", help="stream shards through the filter: filtered shards + Parquet scores")
+    p.add_argument("shards", nargs="+", help="shard paths or brace patterns (a/shard-{000000..000009}.tar)")
+    p.add_argument("--encoder", required=True)
+    p.add_argument("--detector", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, help="override the detector's stored threshold")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--annotate", action="store_true", help="pass suspects on (flagged) instead of dropping them")
+    p.add_argument("--no-shards", action="store_true", help="write Parquet scores only")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_filter)
+
+    p = sub.add_parser("demo", help="end-to-end demo on Fashion-MNIST with the bundled backdoored encoder")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, figures not meaningful)")
+    p.add_argument("--retrain", action="store_true", help="retrain the cached detectors")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (CheckpointError, DataUnavailable, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"dedefilter {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

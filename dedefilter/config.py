@@ -1,0 +1,38 @@
+"""The DeDe method's settings, with the paper's defaults (official code: tardisblue9/DeDe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DeDeConfig:
+    """Model, masking and training settings of one detector; stored inside its checkpoint.
+
+    With 4x4 patches at 32x32 there are 64 patches: the training ratio 0.9 keeps 6 visible, the
+    scoring ratio 0.99 keeps int(64 * 0.01) = 0, so the paper's score reconstructs the whole image from
+    the encoder's embedding alone. ``score_masks`` > 1 averages the score over that many masks.
+    """
+
+    image_size: int = 32
+    patch_size: int = 4
+    dim: int = 192
+    heads: int = 3
+    encoder_depth: int = 12  # MAE side over visible patches; the official training script's default
+    decoder_depth: int = 4
+    train_mask_ratio: float = 0.9
+    score_mask_ratio: float = 0.99
+    score_masks: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    batch_size: int = 256
+    epochs: int = 20
+    seed: int = 0
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def n_visible(self, mask_ratio: float) -> int:
+        """Visible patches at a mask ratio, as the official code counts them: int(N * (1 - ratio))."""
+        return int(self.n_patches * (1 - mask_ratio))

@@ -1,0 +1,132 @@
+"""Real images that can be had offline: Fashion-MNIST (Debian package) and photo patches (pip wheels).
+
+Everything here returns uint8 arrays shaped (N, 32, 32, 3): the one image layout the rest of the
+library consumes. Nothing is downloaded and nothing is synthesised: if the data is missing, the
+error says which package installs it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_SIZE = 32
+
+
+class DataUnavailable(RuntimeError):
+    """A real dataset is not installed on this machine."""
+
+
+def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST as (images (N, 32, 32, 3) uint8, labels (N,) int64).
+
+    The 28x28 grayscale images are zero-padded to 32x32 (the background is black, so padding adds no
+    content and needs no interpolation) and the channel is repeated for RGB encoders.
+    """
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    labels_file = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_file.exists():
+        raise DataUnavailable(
+            f"{images_file} not found: install Fashion-MNIST with "
+            "`apt-get install -y dataset-fashion-mnist` (Debian package, needs root)"
+        )
+    with gzip.open(images_file) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(labels_file) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    return np.repeat(padded[..., None], 3, axis=-1), labels
+
+
+def photo_names() -> list[str]:
+    """Names of the natural photos bundled in scikit-image, scikit-learn and matplotlib wheels."""
+    return ["astronaut", "coffee", "chelsea", "rocket", "motorcycle", "hubble_deep_field",
+            "retina", "grass", "gravel", "brick", "china", "flower", "grace_hopper"]
+
+
+def load_photo(name: str) -> np.ndarray:
+    """One bundled photo as an (H, W, 3) uint8 array."""
+    try:
+        if name in ("china", "flower"):
+            from sklearn.datasets import load_sample_image
+            return np.asarray(load_sample_image(f"{name}.jpg"))
+        if name == "grace_hopper":
+            from matplotlib import cbook
+            with cbook.get_sample_data("grace_hopper.jpg") as f:
+                return np.asarray(Image.open(f).convert("RGB"))
+        from skimage import data as skdata
+        image = skdata.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skdata, name)()
+    except ImportError as err:
+        raise DataUnavailable(
+            f"photo {name!r} needs its package: pip install 'dedefilter[photos]' ({err})"
+        ) from err
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    return image[..., :3].astype(np.uint8)
+
+
+def photo_patches(count: int, seed: int = 0, names: list[str] | None = None) -> np.ndarray:
+    """Random 32x32 crops of the bundled photos: a real, unlabeled out-of-distribution image set.
+
+    Each photo is first shrunk so its shorter side is 128 px, so a crop shows an object part or a
+    texture rather than a flat patch of a megapixel photo. Photos missing their package are skipped.
+    """
+    rng = np.random.default_rng(seed)
+    photos = []
+    for name in names or photo_names():
+        try:
+            photo = Image.fromarray(load_photo(name))
+        except DataUnavailable:
+            continue
+        scale = 128 / min(photo.size)
+        photos.append(np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)),
+                                              Image.BILINEAR)))
+    if not photos:
+        raise DataUnavailable("no bundled photos found: pip install 'dedefilter[photos]'")
+    which = rng.integers(len(photos), size=count)
+    patches = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for i, p in enumerate(which):
+        photo = photos[p]
+        y = rng.integers(photo.shape[0] - IMAGE_SIZE + 1)
+        x = rng.integers(photo.shape[1] - IMAGE_SIZE + 1)
+        patches[i] = photo[y:y + IMAGE_SIZE, x:x + IMAGE_SIZE]
+    return patches
+
+
+def decode_image(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Encoded image bytes -> (size, size, 3) uint8: RGB, shorter side resized, centre-cropped.
+
+    Images already at the target size pass without interpolation, so a 32x32 shard decodes exactly.
+    Raises ValueError with the reason when the bytes are not a readable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (size, size))
+            rgb = image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"undecodable image: {err}") from err
+    if rgb.size != (size, size):
+        rgb = ImageOps.fit(rgb, (size, size), Image.BILINEAR)
+    return np.asarray(rgb)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes; single-channel content is stored as grayscale to keep shards small."""
+    if np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]):
+        pil = Image.fromarray(image[..., 0], mode="L")
+    else:
+        pil = Image.fromarray(image, mode="RGB")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()

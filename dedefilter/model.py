@@ -1,0 +1,71 @@
+"""The DeDe model: an MAE-style ViT that reconstructs an image from a few visible patches and the
+frozen encoder's embedding, which replaces the class token (linear projection, no bias)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DeDeConfig
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with fused attention (``scaled_dot_product_attention``)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+        x = x + self.proj(attended)
+        return x + self.mlp(self.norm2(x))
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C * patch * patch), patches in row-major order."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+class DeDeModel(nn.Module):
+    def __init__(self, config: DeDeConfig, embed_dim: int):
+        super().__init__()
+        self.config = config
+        n, dim, pixels = config.n_patches, config.dim, 3 * config.patch_size ** 2
+        self.patch_embed = nn.Linear(pixels, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder_pos = nn.Parameter(torch.zeros(1, n, dim))
+        self.encoder = nn.Sequential(*[Block(dim, config.heads) for _ in range(config.encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(dim)
+        self.project = nn.Linear(embed_dim, dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos = nn.Parameter(torch.zeros(1, n + 1, dim))
+        self.decoder = nn.Sequential(*[Block(dim, config.heads) for _ in range(config.decoder_depth)])
+        self.head = nn.Linear(dim, pixels)
+        for p in (self.cls_token, self.encoder_pos, self.mask_token, self.decoder_pos):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def forward(self, patches: torch.Tensor, embeddings: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Predict every patch (B, N, 3*p*p) from the visible ones (indexes (B, V)) and the embeddings."""
+        b, n, _ = patches.shape
+        dim = self.config.dim
+        gather = visible.unsqueeze(-1).expand(-1, -1, dim)
+        tokens = self.patch_embed(patches.gather(1, visible.unsqueeze(-1).expand(-1, -1, patches.shape[2])))
+        tokens = tokens + self.encoder_pos.expand(b, -1, -1).gather(1, gather)
+        if visible.shape[1]:  # with no visible patch the encoder's output would be replaced anyway
+            encoded = self.encoder_norm(self.encoder(torch.cat([self.cls_token.expand(b, -1, -1), tokens], 1)))[:, 1:]
+        else:
+            encoded = tokens
+        full = self.mask_token.expand(b, n, dim).scatter(1, gather, encoded)
+        sequence = torch.cat([self.project(embeddings).unsqueeze(1), full], 1) + self.decoder_pos
+        return self.head(self.decoder(sequence)[:, 1:])

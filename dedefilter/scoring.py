@@ -1,0 +1,85 @@
+"""Batched DeDe scoring: frozen-encoder embedding, masked reconstruction, per-sample error.
+
+The score of a sample is the mean squared error of its reconstruction over the masked patches
+(visible patches pasted back), averaged over ``score_masks`` masks seeded by the sample's key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .detector import CheckpointError, Detector
+from .encoders import Encoder
+from .masking import key_seeds, keyed_visible
+from .model import patchify
+from .ssl import to_float
+from .training import masked_patch_mse
+
+# The models run on fixed-shape, contiguous chunks: CPU kernels pick different code paths (and float
+# rounding) for other shapes and memory layouts, and a sample's score must be bit-identical whatever
+# batch, worker or order it lands in (tests/test_stage.py). Chunks of 16 are also faster than 256 here.
+CHUNK = 16
+
+
+@dataclass
+class ScoredBatch:
+    scores: np.ndarray  # (B,) float32
+    embeddings: np.ndarray  # (B, D) float32
+
+
+def pad_batch(pixels: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Pad a batch to a whole number of chunks by repeating its last sample."""
+    extra = -len(keys) % CHUNK
+    if extra == 0:
+        return pixels, keys
+    return torch.cat([pixels, pixels[-1:].expand(extra, -1, -1, -1)]), keys + keys[-1:] * extra
+
+
+class Scorer:
+    """Scores batches of uint8 images (B, S, S, 3) with one encoder and one detector."""
+
+    def __init__(self, encoder: Encoder, detector: Detector):
+        if encoder.fingerprint != detector.encoder_fingerprint:
+            raise CheckpointError(
+                f"detector was trained for encoder {detector.encoder_name!r} ({detector.encoder_fingerprint}), "
+                f"not {encoder.name!r} ({encoder.fingerprint})")
+        self.encoder = encoder
+        self.detector = detector
+        self.config = detector.config
+
+    def score(self, images: np.ndarray | torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
+        """Score uint8 images (B, S, S, 3)."""
+        return self.score_pixels(to_float(images), keys)
+
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
+        """Score float images (B, 3, S, S) in [0, 1]."""
+        size = self.config.image_size
+        if pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"images must be (B, 3, {size}, {size}) for this detector, got {tuple(pixels.shape)}")
+        if len(keys) != len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(keys)} keys")
+        n = len(keys)
+        pixels, keys = pad_batch(pixels.contiguous(), list(keys))
+        embeddings, scores = [], []
+        for i in range(0, len(keys), CHUNK):
+            chunk = pixels[i:i + CHUNK]
+            embeddings.append(self.encoder.embed(chunk))
+            scores.append(self.reconstruction_error(chunk, embeddings[-1], keys[i:i + CHUNK]))
+        return ScoredBatch(torch.cat(scores)[:n].numpy(), torch.cat(embeddings)[:n].numpy())
+
+    @torch.inference_mode()
+    def reconstruction_error(self, pixels: torch.Tensor, embeddings: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        config = self.config
+        patches = patchify(pixels, config.patch_size)
+        seeds = key_seeds(keys, config.seed)
+        n_visible = config.n_visible(config.score_mask_ratio)
+        total = torch.zeros(len(keys))
+        for k in range(config.score_masks):
+            visible = keyed_visible(seeds, config.n_patches, n_visible, k)
+            total += masked_patch_mse(self.detector.model(patches, embeddings, visible), patches, visible)
+        return total / config.score_masks

@@ -1,0 +1,94 @@
+"""Parquet sink: one row for every sample that enters the filter, one part file per writer.
+
+A writer (rank, DataLoader worker) writes ``.part-*.parquet.tmp`` — hidden, so ``pyarrow.dataset``
+readers never see it — in row groups of ``row_group_size``, and renames it to ``part-*.parquet`` on
+close. Memory stays bounded by one row group whatever the run's length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("url", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("threshold", pa.float32()),
+    pa.field("suspect", pa.bool_()),
+    pa.field("kept", pa.bool_()),
+    pa.field("status", pa.string()),  # "kept", "dropped" or "error"
+    pa.field("reason", pa.string()),  # why a sample is an error; null otherwise
+    pa.field("model_id", pa.string()),
+])
+
+
+def writer_name(rank: int, worker: int) -> str:
+    return f"part-r{rank:05d}-w{worker:03d}"
+
+
+class ParquetSink:
+    def __init__(self, directory: str | Path, name: str, model_id: str, threshold: float,
+                 metadata: dict | None = None, row_group_size: int = 65_536):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.final_path = self.directory / f"{name}.parquet"
+        self.temp_path = self.directory / f".{name}.parquet.tmp"
+        self.model_id = model_id
+        self.threshold = np.float32(threshold)
+        self.row_group_size = row_group_size
+        schema = SCHEMA.with_metadata({"dedefilter": json.dumps(metadata or {}, sort_keys=True)})
+        self._writer = pq.ParquetWriter(self.temp_path, schema)
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self.rows = 0
+
+    def write(self, keys: Sequence[str | None], urls: Sequence[str | None], scores: np.ndarray,
+              suspect: np.ndarray, status: Sequence[str], reasons: Sequence[str | None]) -> None:
+        """Record one batch of decisions (columns of equal length; scores NaN where unknown)."""
+        n = len(keys)
+        if n == 0:
+            return
+        status_array = pa.array(status, pa.string())
+        batch = pa.RecordBatch.from_arrays([
+            pa.array(keys, pa.string()),
+            pa.array(urls, pa.string()),
+            pa.array(np.asarray(scores, np.float32), pa.float32(), from_pandas=True),
+            pa.array(np.full(n, self.threshold), pa.float32()),
+            pa.array(np.asarray(suspect, bool)),
+            pa.array(np.asarray(status) == "kept"),
+            status_array,
+            pa.array(reasons, pa.string()),
+            pa.array([self.model_id] * n, pa.string()),
+        ], schema=self._writer.schema)
+        self._pending.append(batch)
+        self._pending_rows += n
+        self.rows += n
+        if self._pending_rows >= self.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending), row_group_size=self.row_group_size)
+            self._pending, self._pending_rows = [], 0
+
+    def close(self) -> Path:
+        """Flush, close and publish the part file under its final name."""
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+            self._writer = None
+            os.replace(self.temp_path, self.final_path)
+        return self.final_path
+
+    def __enter__(self) -> "ParquetSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,183 @@
+"""The filter as a pipeline stage: decode -> batch -> score -> decide -> record -> pass on.
+
+:class:`DeDeFilter` is a plain generator stage ``samples -> samples`` for ``wds.DataPipeline`` and
+``.compose()``; :meth:`DeDeFilter.filter_batches` does the same for an existing DataLoader or iterable
+of image batches. Every sample that enters is either yielded, or recorded as ``dropped`` (with its
+score) or as ``error`` (with the reason) in the Parquet sink, one part file per (rank, worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+
+from .calibration import Threshold
+from .data import decode_image
+from .scoring import Scorer
+from .sink import ParquetSink, writer_name
+
+log = logging.getLogger(__name__)
+NON_FINITE = "non-finite score (the encoder or the DeDe model produced NaN or inf)"
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    batch_size: int = 256
+    drop: bool = True  # False: pass suspects on, only annotated
+    parquet_dir: str | None = None  # None: no Parquet record
+    image_fields: tuple[str, ...] = IMAGE_FIELDS
+    score_field: str = "dede_score"
+    suspect_field: str = "dede_suspect"
+    row_group_size: int = 65_536
+
+
+@dataclass
+class Decision:
+    """What happens to each scored sample of a batch."""
+
+    suspect: np.ndarray
+    passed: np.ndarray
+    status: list[str]
+    reasons: list[str | None]
+
+
+def writer_identity() -> tuple[int, int]:
+    """(rank, DataLoader worker id) of the calling process."""
+    info = torch.utils.data.get_worker_info()
+    return int(os.environ.get("RANK", 0)), (info.id if info is not None else 0)
+
+
+def batched(iterable: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(iterable)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+class DeDeFilter:
+    def __init__(self, scorer: Scorer, threshold: Threshold | None = None, config: StageConfig = StageConfig()):
+        threshold = threshold or scorer.detector.threshold
+        if threshold is None:
+            raise ValueError("no threshold: calibrate the detector (`dedefilter calibrate`) or pass one")
+        self.scorer = scorer
+        self.threshold = threshold
+        self.config = config
+
+    def _open_sink(self) -> ParquetSink | None:
+        if self.config.parquet_dir is None:
+            return None
+        detector = self.scorer.detector
+        metadata = {"config": asdict(detector.config), "threshold": self.threshold.to_dict(),
+                    "encoder": detector.encoder_name, "encoder_fingerprint": detector.encoder_fingerprint,
+                    "model_id": detector.model_id, "stage": asdict(self.config)}
+        return ParquetSink(self.config.parquet_dir, writer_name(*writer_identity()), detector.model_id,
+                           self.threshold.value, metadata, self.config.row_group_size)
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        sink = self._open_sink()
+        try:
+            for batch in batched(samples, self.config.batch_size):
+                yield from self._filter(batch, sink)
+        finally:
+            if sink is not None:
+                sink.close()
+
+    def _decode(self, sample: dict) -> np.ndarray:
+        if "__error__" in sample:
+            raise ValueError(sample["__error__"])
+        for field in self.config.image_fields:
+            if field in sample:
+                data = sample[field]
+                break
+        else:
+            raise ValueError(f"no image field (looked for {', '.join(self.config.image_fields)})")
+        return decode_image(data, self.scorer.config.image_size)
+
+    def _decide(self, scores: np.ndarray) -> "Decision":
+        finite = np.isfinite(scores)
+        suspect = self.threshold.suspects(scores) & finite
+        passed = finite & ~(suspect & self.config.drop)
+        status = np.where(passed, "kept", np.where(finite, "dropped", "error")).tolist()
+        reasons = [None if ok else NON_FINITE for ok in finite.tolist()]
+        return Decision(suspect, passed, status, reasons)
+
+    def _filter(self, batch: list[dict], sink: ParquetSink | None) -> Iterator[dict]:
+        images, scored, failed = [], [], []
+        for sample in batch:
+            try:
+                images.append(self._decode(sample))
+                scored.append(sample)
+            except ValueError as err:
+                failed.append((sample, str(err)))
+                log.warning("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+        scores = np.empty(0, np.float32)
+        if scored:
+            scores = self.scorer.score(np.stack(images), [s["__key__"] for s in scored]).scores
+        decision = self._decide(scores)
+        suspect, passed = decision.suspect, decision.passed
+        if sink is not None:
+            sink.write(
+                keys=[s.get("__key__") for s in scored] + [s.get("__key__") for s, _ in failed],
+                urls=[s.get("__url__") for s in scored] + [s.get("__url__") for s, _ in failed],
+                scores=np.concatenate([scores, np.full(len(failed), np.nan, np.float32)]),
+                suspect=np.concatenate([suspect, np.zeros(len(failed), bool)]),
+                status=decision.status + ["error"] * len(failed),
+                reasons=decision.reasons + [reason for _, reason in failed],
+            )
+        for sample, score, is_suspect, ok in zip(scored, scores.tolist(), suspect.tolist(), passed.tolist()):
+            if ok:
+                sample[self.config.score_field] = score
+                sample[self.config.suspect_field] = is_suspect
+                yield sample
+
+    def filter_batches(self, batches: Iterable, image_index: int | str = 0) -> Iterator:
+        """Wrap an existing DataLoader or iterable of batches of float images (B, 3, S, S) in [0, 1].
+
+        A batch is a tuple/list (images at ``image_index``) or a dict (images under ``image_index``,
+        optional ``"__key__"`` list). Suspects are removed from every tensor/list in the batch (drop
+        mode) or the batch gains ``score``/``suspect`` tensors (annotate mode: appended to a tuple,
+        added as ``dede_score``/``dede_suspect`` to a dict). Samples without keys are keyed by their
+        position in the stream, so scores are reproducible when the order is.
+        """
+        sink = self._open_sink()
+        seen = 0
+        try:
+            for batch in batches:
+                images = batch[image_index]
+                n = images.shape[0]
+                keys = list(batch.get("__key__", [])) if isinstance(batch, dict) else []
+                keys = keys or [str(i) for i in range(seen, seen + n)]
+                seen += n
+                scores = self.scorer.score_pixels(images.float(), keys).scores
+                decision = self._decide(scores)
+                if sink is not None:
+                    sink.write(keys, [None] * n, scores, decision.suspect, decision.status, decision.reasons)
+                yield self._select(batch, decision.passed, scores, decision.suspect)
+        finally:
+            if sink is not None:
+                sink.close()
+
+    def _select(self, batch, passed: np.ndarray, scores: np.ndarray, suspect: np.ndarray):
+        index = torch.from_numpy(np.flatnonzero(passed))
+
+        def take(value):
+            if isinstance(value, torch.Tensor):
+                return value[index]
+            if isinstance(value, (list, tuple)) and len(value) == len(passed):
+                return [value[i] for i in index.tolist()]
+            return value
+
+        extra = (torch.from_numpy(scores[passed]), torch.from_numpy(suspect[passed]))
+        if isinstance(batch, dict):
+            selected = {name: take(value) for name, value in batch.items()}
+            if not self.config.drop:
+                selected[self.config.score_field], selected[self.config.suspect_field] = extra
+            return selected
+        selected = [take(value) for value in batch]
+        return tuple(selected) + (extra if not self.config.drop else ())

@@ -1,0 +1,61 @@
+"""Train a DeDe model on an auxiliary image set.
+
+The encoder is frozen and there is no augmentation, so every image is embedded exactly once (the
+embedding cache) and each epoch only runs the DeDe model. The auxiliary set may be in-distribution
+and slightly poisoned, or out-of-distribution (natural-photo patches).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .config import DeDeConfig
+from .encoders import Encoder, embed_array
+from .masking import random_visible
+from .model import DeDeModel, patchify
+from .ssl import to_float
+
+
+def masked_patch_mse(predicted: torch.Tensor, patches: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE over the masked patches only (the visible ones are pasted back when scoring)."""
+    masked = torch.ones(patches.shape[:2], dtype=patches.dtype).scatter_(1, visible, 0.0)
+    per_patch = (predicted - patches).square().mean(-1)
+    return (per_patch * masked).sum(1) / masked.sum(1)
+
+
+def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeConfig(),
+                embeddings: torch.Tensor | None = None, log=print) -> tuple[DeDeModel, dict]:
+    """Train on uint8 images (N, S, S, 3); pass ``embeddings`` to reuse an existing cache."""
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    if embeddings is None:
+        embeddings = embed_array(encoder, images)
+    embed_seconds = time.perf_counter() - start
+    patches = patchify(to_float(images), config.patch_size)
+    model = DeDeModel(config, embeddings.shape[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    n_visible = config.n_visible(config.train_mask_ratio)
+    losses = []
+    model.train()
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(patches), generator=generator)
+        total, batches = torch.zeros(()), 0
+        for i in range(0, len(order), config.batch_size):
+            idx = order[i:i + config.batch_size]
+            visible = random_visible(len(idx), config.n_patches, n_visible, generator)
+            loss = masked_patch_mse(model(patches[idx], embeddings[idx], visible), patches[idx], visible).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            batches += 1
+        losses.append(round(float(total) / batches, 5))
+        log(f"dede epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.5f} ({time.perf_counter() - start:.0f}s)")
+    model.eval()
+    record = {"n_aux": len(images), "losses": losses, "embed_seconds": round(embed_seconds, 1),
+              "train_seconds": round(time.perf_counter() - start, 1)}
+    return model, record

@@ -1,0 +1,121 @@
+"""The filter stage: every sample accounted for, same scores in any worker or batch layout."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.dataset as ds
+import torch
+import webdataset as wds
+
+from dedefilter import DeDeFilter, StageConfig, filter_shards, ledger
+from dedefilter.shards import shard_pipeline
+
+
+def read_rows(parquet_dir) -> list[dict]:
+    return sorted(ds.dataset(str(parquet_dir), format="parquet").to_table().to_pylist(),
+                  key=lambda row: (row["key"] or "", row["url"] or ""))
+
+
+def test_parquet_is_identical_for_any_workers_and_batch_size(tmp_path, scorer, shards):
+    runs = [(0, 64), (2, 64), (0, 100), (2, 100)]
+    tables = []
+    for workers, batch in runs:
+        filter_shards(shards, scorer, tmp_path / f"w{workers}-b{batch}", stage=StageConfig(batch_size=batch),
+                      num_workers=workers, progress=False)
+        tables.append(read_rows(tmp_path / f"w{workers}-b{batch}" / "parquet"))
+    assert all(table == tables[0] for table in tables[1:])
+    assert len(tables[0]) == 300
+
+
+def test_every_key_once_and_kept_rows_equal_yielded_samples(tmp_path, scorer, shards, shard_data):
+    result = filter_shards(shards, scorer, tmp_path / "out", num_workers=2, progress=False)
+    rows = read_rows(result.parquet_dir)
+    assert sorted(row["key"] for row in rows) == sorted(shard_data[2])
+    kept_keys = sorted(row["key"] for row in rows if row["status"] == "kept")
+    filtered = wds.DataPipeline(wds.SimpleShardList(result.shard_paths), wds.tarfile_to_samples())
+    assert sorted(sample["__key__"] for sample in filtered) == kept_keys
+    assert result.yielded == len(kept_keys) == result.ledger["kept"]
+    assert result.ledger["dropped"] > 0 and result.ledger["error"] == 0
+    dropped = [row for row in rows if row["status"] == "dropped"]
+    assert all(row["score"] > row["threshold"] and row["suspect"] for row in dropped)
+
+
+def test_annotate_mode_keeps_every_field_and_adds_the_score(scorer, shards):
+    stage = DeDeFilter(scorer, config=StageConfig(batch_size=32, drop=False))
+    samples = list(shard_pipeline(shards, stage))
+    assert len(samples) == 300
+    first = samples[0]
+    assert {"png", "cls", "json", "__key__", "__url__", "dede_score", "dede_suspect"} <= set(first)
+    assert json.loads(first["json"]) == {"index": int(first["__key__"].split("-")[1])}
+    suspects = [s for s in samples if s["dede_suspect"]]
+    assert 0 < len(suspects) < 300
+    assert all(s["dede_score"] > scorer.detector.threshold.value for s in suspects)
+
+
+def test_stage_runs_on_in_memory_samples_with_compose(scorer, shard_data):
+    from dedefilter.data import encode_png
+
+    images, _, keys = shard_data
+    samples = [{"__key__": k, "png": encode_png(im), "txt": f"caption {k}"} for k, im in zip(keys[:50], images)]
+    stage = DeDeFilter(scorer, config=StageConfig(batch_size=16, drop=False))
+    out = list(wds.DataPipeline(lambda: iter(samples)).compose(stage))
+    assert [s["__key__"] for s in out] == keys[:50]
+    assert out[3]["txt"] == f"caption {keys[3]}"
+
+
+def truncate_last_member(path) -> str:
+    """Cut a shard in the middle of its last member's data."""
+    data = open(path, "rb").read()
+    with tarfile.open(path) as archive:
+        last = archive.getmembers()[-1]
+    cut = last.offset_data + last.size // 2
+    open(path, "wb").write(data[:cut])
+    return last.name.split(".")[0]
+
+
+def test_truncated_member_and_undecodable_image_become_error_rows(tmp_path, scorer, shards, shard_data):
+    truncated_key = truncate_last_member(shards[0])
+    with wds.TarWriter(str(tmp_path / "in" / "broken.tar")) as writer:
+        writer.write({"__key__": "not-an-image", "png": b"\x89PNG this is not a png"})
+        writer.write({"__key__": "no-image", "txt": b"a caption without its image"})
+    urls = [*shards, str(tmp_path / "in" / "broken.tar")]
+    result = filter_shards(urls, scorer, tmp_path / "out", num_workers=2, progress=False)
+    errors = {row["key"]: row["reason"] for row in read_rows(result.parquet_dir) if row["status"] == "error"}
+    assert set(errors) == {truncated_key, "not-an-image", "no-image"}
+    assert "unreadable tar data" in errors[truncated_key]
+    assert "undecodable image" in errors["not-an-image"]
+    assert "no image field" in errors["no-image"]
+    counts = ledger(result.parquet_dir)
+    assert counts["kept"] + counts["dropped"] == 299  # every readable sample of all shards was scored
+
+
+def test_dataloader_wrapper_drops_suspects_from_every_batch_field(scorer, shard_data):
+    images, labels, _ = shard_data
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(pixels, torch.from_numpy(labels)), batch_size=64)
+    expected = scorer.score(images, [str(i) for i in range(300)]).scores <= scorer.detector.threshold.value
+    filtered = list(DeDeFilter(scorer).filter_batches(loader))
+    kept_images = torch.cat([batch[0] for batch in filtered])
+    kept_labels = torch.cat([batch[1] for batch in filtered])
+    assert torch.equal(kept_images, pixels[torch.from_numpy(expected)])
+    assert torch.equal(kept_labels, torch.from_numpy(labels)[torch.from_numpy(expected)])
+
+
+def test_dataloader_wrapper_annotates_and_records(tmp_path, scorer, shard_data):
+    images, labels, keys = shard_data
+    pixels = torch.from_numpy(images[:40]).permute(0, 3, 1, 2).float() / 255
+    batches = [{"image": pixels[i:i + 16], "label": labels[:40][i:i + 16].tolist(), "__key__": keys[:40][i:i + 16]}
+               for i in range(0, 40, 16)]
+    config = StageConfig(drop=False, parquet_dir=str(tmp_path / "pq"))
+    out = list(DeDeFilter(scorer, config=config).filter_batches(batches, image_index="image"))
+    assert [len(b["label"]) for b in out] == [16, 16, 8]
+    scores = torch.cat([b["dede_score"] for b in out]).numpy()
+    rows = read_rows(tmp_path / "pq")
+    assert [r["key"] for r in rows] == sorted(keys[:40])
+    by_key = {r["key"]: r["score"] for r in rows}
+    assert np.allclose([by_key[k] for k in keys[:40]], scores)
