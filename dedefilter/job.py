@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .calibration import Threshold
 from .scoring import Scorer
 from .shards import shard_pipeline
-from .stage import DeDeFilter, StageConfig
+from .stage import Counters, DeDeFilter, StageConfig
 
 
 @dataclass
@@ -23,7 +23,8 @@ class JobResult:
     shard_paths: list[str]
     yielded: int
     seconds: float
-    ledger: dict[str, int]
+    ledger: dict[str, int]  # rows per status read back from Parquet
+    live_counts: dict[str, int]  # the same, counted by the workers while running
 
     @property
     def samples_per_s(self) -> float:
@@ -55,7 +56,8 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
     parquet_dir, shards_dir = out_dir / "parquet", out_dir / "shards"
     prepare_output(parquet_dir, overwrite)
     stage = replace(stage, parquet_dir=str(parquet_dir))
-    pipeline = shard_pipeline(urls, DeDeFilter(scorer, threshold, stage))
+    counters = Counters()
+    pipeline = shard_pipeline(urls, DeDeFilter(scorer, threshold, stage, counters))
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
     writer = None
     if write_shards:
@@ -63,13 +65,19 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
         writer = wds.ShardWriter(str(shards_dir / "filtered-%06d.tar"), maxcount=shard_size, verbose=0)
     internal = {stage.score_field, stage.suspect_field}
     yielded, start = 0, time.perf_counter()
-    with tqdm(desc="kept", unit=" img", disable=not progress, smoothing=0.1) as bar:
+    with tqdm(desc="filter", unit=" samples", disable=not progress, smoothing=0.1) as bar:
         for sample in loader:
             yielded += 1
             if writer is not None:
                 writer.write({k: v for k, v in sample.items()
                               if k == "__key__" or not (k.startswith("__") or k in internal)})
-            bar.update()
+            if yielded % 256 == 0:
+                totals = counters.snapshot()
+                bar.update(sum(totals.values()) - bar.n)
+                bar.set_postfix(totals, refresh=False)
+        totals = counters.snapshot()
+        bar.update(sum(totals.values()) - bar.n)
+        bar.set_postfix(totals)
     seconds = time.perf_counter() - start
     if writer is not None:
         writer.close()
@@ -78,4 +86,4 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
         print(f"ledger: {sum(counts.values())} in = {counts['kept']} kept + {counts['dropped']} dropped "
               f"+ {counts['error']} error ({sum(counts.values()) / seconds:.0f} samples/s)")
     shard_paths = sorted(str(p) for p in shards_dir.glob("*.tar")) if write_shards else []
-    return JobResult(parquet_dir, shard_paths, yielded, seconds, counts)
+    return JobResult(parquet_dir, shard_paths, yielded, seconds, counts, counters.snapshot())

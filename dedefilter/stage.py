@@ -9,6 +9,7 @@ score) or as ``error`` (with the reason) in the Parquet sink, one part file per 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -60,14 +61,33 @@ def batched(iterable: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+class Counters:
+    """kept / dropped / error totals shared by all DataLoader workers (forked shared memory), for progress."""
+
+    names = ("kept", "dropped", "error")
+
+    def __init__(self):
+        self._values = multiprocessing.Array("q", len(self.names))
+
+    def add(self, kept: int, dropped: int, error: int) -> None:
+        with self._values.get_lock():
+            for i, n in enumerate((kept, dropped, error)):
+                self._values[i] += n
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(zip(self.names, self._values[:]))
+
+
 class DeDeFilter:
-    def __init__(self, scorer: Scorer, threshold: Threshold | None = None, config: StageConfig = StageConfig()):
+    def __init__(self, scorer: Scorer, threshold: Threshold | None = None, config: StageConfig = StageConfig(),
+                 counters: Counters | None = None):
         threshold = threshold or scorer.detector.threshold
         if threshold is None:
             raise ValueError("no threshold: calibrate the detector (`dedefilter calibrate`) or pass one")
         self.scorer = scorer
         self.threshold = threshold
         self.config = config
+        self.counters = counters
 
     def _open_sink(self) -> ParquetSink | None:
         if self.config.parquet_dir is None:
@@ -130,6 +150,10 @@ class DeDeFilter:
                 status=decision.status + ["error"] * len(failed),
                 reasons=decision.reasons + [reason for _, reason in failed],
             )
+        if self.counters is not None:
+            n_error = len(failed) + int((~np.isfinite(scores)).sum())
+            n_kept = int(decision.passed.sum())
+            self.counters.add(n_kept, len(batch) - n_kept - n_error, n_error)
         for sample, score, is_suspect, ok in zip(scored, scores.tolist(), suspect.tolist(), passed.tolist()):
             if ok:
                 sample[self.config.score_field] = score

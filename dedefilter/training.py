@@ -26,6 +26,15 @@ def masked_patch_mse(predicted: torch.Tensor, patches: torch.Tensor, visible: to
     return (per_patch * masked).sum(1) / masked.sum(1)
 
 
+def training_precision(requested: str) -> str:
+    """Resolve "auto": bf16 autocast where the CPU computes bf16 natively, else fp32. Scoring is always fp32."""
+    if requested not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train_precision must be auto, bf16 or fp32, not {requested!r}")
+    if requested == "auto":
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return requested
+
+
 def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeConfig(),
                 embeddings: torch.Tensor | None = None, log=print) -> tuple[DeDeModel, dict]:
     """Train on uint8 images (N, S, S, 3); pass ``embeddings`` to reuse an existing cache."""
@@ -39,6 +48,7 @@ def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeC
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     n_visible = config.n_visible(config.train_mask_ratio)
+    precision = training_precision(config.train_precision)
     losses = []
     model.train()
     for epoch in range(config.epochs):
@@ -47,7 +57,9 @@ def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeC
         for i in range(0, len(order), config.batch_size):
             idx = order[i:i + config.batch_size]
             visible = random_visible(len(idx), config.n_patches, n_visible, generator)
-            loss = masked_patch_mse(model(patches[idx], embeddings[idx], visible), patches[idx], visible).mean()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                predicted = model(patches[idx], embeddings[idx], visible)
+            loss = masked_patch_mse(predicted.float(), patches[idx], visible).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -56,6 +68,6 @@ def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeC
         losses.append(round(float(total) / batches, 5))
         log(f"dede epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.5f} ({time.perf_counter() - start:.0f}s)")
     model.eval()
-    record = {"n_aux": len(images), "losses": losses, "embed_seconds": round(embed_seconds, 1),
+    record = {"n_aux": len(images), "losses": losses, "precision": precision, "embed_seconds": round(embed_seconds, 1),
               "train_seconds": round(time.perf_counter() - start, 1)}
     return model, record

@@ -39,6 +39,7 @@ def test_every_key_once_and_kept_rows_equal_yielded_samples(tmp_path, scorer, sh
     filtered = wds.DataPipeline(wds.SimpleShardList(result.shard_paths), wds.tarfile_to_samples())
     assert sorted(sample["__key__"] for sample in filtered) == kept_keys
     assert result.yielded == len(kept_keys) == result.ledger["kept"]
+    assert result.live_counts == result.ledger
     assert result.ledger["dropped"] > 0 and result.ledger["error"] == 0
     dropped = [row for row in rows if row["status"] == "dropped"]
     assert all(row["score"] > row["threshold"] and row["suspect"] for row in dropped)
