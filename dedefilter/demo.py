@@ -26,6 +26,7 @@ from .job import filter_shards
 from .metrics import auroc, rates_at_threshold, tpr_at_fpr
 from .scoring import Scorer
 from .shards import write_image_shards
+from .stage import StageConfig
 from .training import train_model
 
 BACKDOORED, CLEAN = "fmnist-badencoder", "fmnist-simclr"
@@ -137,7 +138,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict:
         detector = get_detector(encoder, aux, reference, config, log)
         log(f"[{name} encoder] filtering {len(urls)} shards with {config.num_workers} workers ...")
         job = filter_shards(urls, Scorer(encoder, detector), work / f"out-{name}", overwrite=True,
-                            num_workers=config.num_workers, progress=False)
+                            stage=StageConfig(batch_size=config.batch_size), num_workers=config.num_workers,
+                            progress=False)
         metrics = evaluate(job.parquet_dir, truth, target)
         metrics.update(kept=job.ledger["kept"], dropped=job.ledger["dropped"], errors=job.ledger["error"],
                        samples_per_s=round(job.samples_per_s, 1), model_id=detector.model_id,
