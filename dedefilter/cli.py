@@ -68,20 +68,17 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from .scoring import Scorer
 
     if args.value is not None:
+        detector = Detector.load(args.detector)
         threshold = calibration.fixed(args.value)
-        encoder_fingerprint = None
     else:
+        if not args.encoder:
+            raise ValueError("--encoder is needed to score the reference images (or give --value)")
         encoder = load_encoder(args.encoder)
-        encoder_fingerprint = encoder.fingerprint
-        detector = Detector.load(args.detector, encoder_fingerprint)
+        detector = Detector.load(args.detector, encoder.fingerprint)
         images = image_source(args.reference, args.n_reference, args.seed)
-        scorer = Scorer(encoder, detector)
-        keys = [f"reference-{i}" for i in range(len(images))]
-        scores = np.concatenate([scorer.score(images[i:i + 256], keys[i:i + 256]).scores
-                                 for i in range(0, len(images), 256)])
+        scores = Scorer(encoder, detector).score_array(images, [f"reference-{i}" for i in range(len(images))])
         threshold = (calibration.for_false_positive_rate(scores, args.fpr) if args.fpr is not None
                      else calibration.for_contamination(scores, args.contamination))
-    detector = Detector.load(args.detector, encoder_fingerprint)
     detector.with_threshold(threshold).save(args.out or args.detector)
     print(f"threshold {json.dumps(threshold.to_dict())} saved to {args.out or args.detector}")
 

@@ -75,8 +75,7 @@ def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, confi
     detector = Detector(model, encoder.name, encoder.fingerprint,
                         record=record | {"demo": asdict(config) | {"retrain": False}})
     keys = [f"reference-{i:05d}" for i in range(len(reference))]
-    reference_scores = np.concatenate([Scorer(encoder, detector).score(reference[i:i + 512], keys[i:i + 512]).scores
-                                       for i in range(0, len(reference), 512)])
+    reference_scores = Scorer(encoder, detector).score_array(reference, keys)
     detector = detector.with_threshold(for_false_positive_rate(reference_scores, config.target_fpr))
     detector.save(path)
     return detector

@@ -3,7 +3,7 @@
 An encoder maps float images (B, 3, H, W) in [0, 1] to embeddings (B, D). It may be:
 - a bundled checkpoint trained by this project (``fmnist-simclr``, ``fmnist-badencoder``),
 - a dedefilter encoder checkpoint file (``*.pt`` written by :func:`save_encoder`),
-- a TorchScript file, taking [0, 1] images,
+- a ``torch.export`` archive (``*.pt2``) or a TorchScript file, taking [0, 1] images,
 - ``torchvision:NAME`` (optionally ``torchvision:NAME@weights.pt``), head removed, ImageNet normalisation,
 - ``package.module:factory``, a callable returning such an ``nn.Module``.
 The fingerprint (a hash of the weights) ties a trained detector to the encoder it was trained for.
@@ -58,6 +58,20 @@ class Normalized(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone((images - self.mean) / self.std)
+
+
+class Exported(nn.Module):
+    """A ``torch.export`` module: its train/eval mode was fixed at export time and it refuses ``.eval()``."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def train(self, mode: bool = True) -> "Exported":
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.graph(images)
 
 
 ARCHITECTURES = {"small_cnn": SmallCNN}
@@ -115,7 +129,7 @@ def load_encoder(spec: str) -> Encoder:
     if spec.startswith("torchvision:"):
         return _load_torchvision(spec.removeprefix("torchvision:"))
     path = Path(spec)
-    if path.suffix in (".pt", ".pth") or path.exists():
+    if path.suffix in (".pt", ".pth", ".pt2") or path.exists():
         return _load_file(path, name=path.stem)
     if ":" in spec:
         return _load_factory(spec)
@@ -128,6 +142,11 @@ def load_encoder(spec: str) -> Encoder:
 def _load_file(path: Path, name: str) -> Encoder:
     if not path.is_file():
         raise FileNotFoundError(f"encoder file {path} does not exist")
+    if path.suffix == ".pt2":
+        try:
+            return build_encoder(Exported(torch.export.load(str(path)).module()), name)
+        except Exception as err:  # torch.export raises many types for a bad archive
+            raise ValueError(f"{path} is not a readable torch.export archive: {err}") from err
     if zipfile.is_zipfile(path) and any(n.split("/", 2)[1:2] == ["code"] for n in zipfile.ZipFile(path).namelist()):
         return build_encoder(torch.jit.load(str(path), map_location="cpu"), name)
     try:

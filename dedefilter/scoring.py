@@ -55,6 +55,11 @@ class Scorer:
         """Score uint8 images (B, S, S, 3)."""
         return self.score_pixels(to_float(images), keys)
 
+    def score_array(self, images: np.ndarray, keys: Sequence[str], batch_size: int = 512) -> np.ndarray:
+        """Scores of a whole in-memory uint8 array (e.g. clean reference images for calibration)."""
+        return np.concatenate([self.score(images[i:i + batch_size], keys[i:i + batch_size]).scores
+                               for i in range(0, len(images), batch_size)])
+
     @torch.inference_mode()
     def score_pixels(self, pixels: torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
         """Score float images (B, 3, S, S) in [0, 1]."""

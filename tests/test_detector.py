@@ -35,6 +35,7 @@ class Payload:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_payload_is_refused_and_never_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"format": "dedefilter-detector/1", "evil": Payload()}, tmp_path / "evil.pt")

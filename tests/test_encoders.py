@@ -33,6 +33,16 @@ def test_bundled_cards_record_recipe_and_measurements():
     assert load_encoder("fmnist-simclr").card["recipe"] == "simclr"
 
 
+def test_exported_program_gives_the_same_embeddings(tmp_path, encoder):
+    images = torch.rand(20, 3, 32, 32)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(encoder.module, (images,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "enc.pt2")
+    exported = load_encoder(str(tmp_path / "enc.pt2"))
+    torch.testing.assert_close(exported.embed(images[:5]), encoder.embed(images[:5]))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_torchscript_file_gives_the_same_embeddings(tmp_path, encoder):
     images = torch.rand(4, 3, 32, 32)
     torch.jit.trace(encoder.module, images).save(str(tmp_path / "enc.ts"))
