@@ -48,10 +48,20 @@ def cmd_shards(args: argparse.Namespace) -> None:
     from .shards import write_image_shards
 
     images, labels = fashion_mnist(args.split)
-    images, labels = images[:args.limit], labels[:args.limit]
+    images, labels = images[:args.limit].copy(), labels[:args.limit]
     keys = [f"fmnist-{args.split}-{i:05d}" for i in range(len(images))]
-    paths = write_image_shards(args.out, images, keys, labels, shard_size=args.shard_size)
-    print(f"wrote {len(images)} samples to {len(paths)} shards in {args.out}")
+    triggered = np.zeros(len(images), bool)
+    if args.triggered_fraction:
+        from .attacks.triggers import PatchTrigger
+        from .demo import BACKDOORED, poison
+
+        card = load_encoder(BACKDOORED).card
+        trigger = PatchTrigger(**{k: v for k, v in card["trigger"].items() if k != "kind"})
+        triggered = poison(images, labels, args.triggered_fraction, card["target_class"], trigger,
+                           np.random.default_rng(args.seed))
+    meta = [{"label": int(y), "triggered": bool(t)} for y, t in zip(labels, triggered)]
+    paths = write_image_shards(args.out, images, keys, labels, meta, shard_size=args.shard_size)
+    print(f"wrote {len(images)} samples ({int(triggered.sum())} triggered) to {len(paths)} shards in {args.out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -99,6 +109,10 @@ def cmd_filter(args: argparse.Namespace) -> int:
                            num_workers=args.workers, write_shards=not args.no_shards, overwrite=args.overwrite)
     print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
                       **result.ledger, "samples_per_s": round(result.samples_per_s, 1)}))
+    if not result.balanced:
+        print(f"dedefilter filter: error: ledger does not balance: workers counted {result.live_counts}, "
+              f"Parquet holds {result.ledger}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -115,11 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dedefilter", description="DeDe backdoor-sample filter for image datasets")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("shards", help="write Fashion-MNIST as WebDataset shards (key, png, cls)")
+    p = sub.add_parser("shards", help="write Fashion-MNIST as WebDataset shards (key, png, cls, json)")
     p.add_argument("--out", required=True)
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--triggered-fraction", type=float, default=0.0,
+                   help="paste the bundled backdoor's trigger on this share (non-target classes), for evaluation")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_shards)
 
     p = sub.add_parser("train", help="train a DeDe detector for an encoder on auxiliary images")

@@ -27,6 +27,11 @@ class JobResult:
     live_counts: dict[str, int]  # the same, counted by the workers while running
 
     @property
+    def balanced(self) -> bool:
+        """Every sample the workers saw has exactly one Parquet row with the same decision."""
+        return self.ledger == self.live_counts
+
+    @property
     def samples_per_s(self) -> float:
         return sum(self.ledger.values()) / self.seconds if self.seconds else 0.0
 
@@ -73,11 +78,11 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
                               if k == "__key__" or not (k.startswith("__") or k in internal)})
             if yielded % 256 == 0:
                 totals = counters.snapshot()
-                bar.update(sum(totals.values()) - bar.n)
                 bar.set_postfix(totals, refresh=False)
+                bar.update(sum(totals.values()) - bar.n)
         totals = counters.snapshot()
+        bar.set_postfix(totals, refresh=False)
         bar.update(sum(totals.values()) - bar.n)
-        bar.set_postfix(totals)
     seconds = time.perf_counter() - start
     if writer is not None:
         writer.close()

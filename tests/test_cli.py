@@ -36,3 +36,16 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     assert code == 2
     assert "not a loadable dedefilter detector checkpoint" in capsys.readouterr().err
+
+
+def test_shards_command_writes_fashion_mnist_with_planted_triggers(tmp_path):
+    import webdataset as wds
+
+    assert main(["shards", "--out", str(tmp_path), "--limit", "60", "--shard-size", "25",
+                 "--triggered-fraction", "0.1"]) == 0
+    samples = list(wds.DataPipeline(wds.SimpleShardList(sorted(map(str, tmp_path.glob("*.tar")))),
+                                    wds.tarfile_to_samples()))
+    assert [s["__key__"] for s in samples] == [f"fmnist-test-{i:05d}" for i in range(60)]
+    meta = [json.loads(s["json"]) for s in samples]
+    triggered = [m for m in meta if m["triggered"]]
+    assert len(triggered) == 6 and all(m["label"] != 1 for m in triggered)  # never the target class
