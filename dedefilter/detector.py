@@ -45,7 +45,7 @@ class Detector:
             digest.update(tensor.detach().contiguous().numpy().tobytes())
         return f"dede-{digest.hexdigest()[:12]}"
 
-    def with_threshold(self, threshold: Threshold) -> "Detector":
+    def with_threshold(self, threshold: Threshold) -> Detector:
         return replace(self, threshold=threshold)
 
     def save(self, path: str | Path) -> None:
@@ -61,7 +61,7 @@ class Detector:
         }, path)
 
     @classmethod
-    def load(cls, path: str | Path, encoder_fingerprint: str | None = None) -> "Detector":
+    def load(cls, path: str | Path, encoder_fingerprint: str | None = None) -> Detector:
         """Load a checkpoint; with ``encoder_fingerprint``, refuse one trained for another encoder."""
         path = Path(path)
         if not path.is_file():

@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +26,12 @@ ENCODER_FORMAT = "dedefilter-encoder/1"
 BUNDLED_DIR = Path(__file__).parent / "weights"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    return tensor.permute(0, 3, 1, 2).float().div_(255)
 
 
 class SmallCNN(nn.Module):
@@ -67,7 +74,7 @@ class Exported(nn.Module):
         super().__init__()
         self.graph = graph
 
-    def train(self, mode: bool = True) -> "Exported":
+    def train(self, mode: bool = True) -> Exported:
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -206,8 +213,6 @@ def _load_factory(spec: str) -> Encoder:
     return build_encoder(module, spec)
 
 
-def embed_array(encoder: Encoder, images, batch_size: int = 512) -> torch.Tensor:
+def embed_array(encoder: Encoder, images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
     """Embed a uint8 (N, H, W, 3) array in batches: the embedding cache that decoder training reuses."""
-    from .ssl import to_float
-
     return torch.cat([encoder.embed(to_float(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from .detector import CheckpointError, Detector
-from .encoders import Encoder
+from .encoders import Encoder, to_float
 from .masking import key_seeds, keyed_visible
 from .model import patchify
-from .ssl import to_float
 from .training import masked_patch_mse
 
 # The models run on fixed-shape, contiguous chunks: CPU kernels pick different code paths (and float

@@ -87,7 +87,7 @@ class ParquetSink:
             os.replace(self.temp_path, self.final_path)
         return self.final_path
 
-    def __enter__(self) -> "ParquetSink":
+    def __enter__(self) -> ParquetSink:
         return self
 
     def __exit__(self, *exc) -> None:

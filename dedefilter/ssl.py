@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import SmallCNN
+from .encoders import SmallCNN, to_float
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,6 @@ class SimCLRConfig:
     projection_dim: int = 128
     min_crop_scale: float = 0.2
     seed: int = 0
-
-
-def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-    return tensor.permute(0, 3, 1, 2).float().div_(255)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.2) -> torch.Tensor:

@@ -52,7 +52,7 @@ class Decision:
 def writer_identity() -> tuple[int, int]:
     """(rank, DataLoader worker id) of the calling process."""
     info = torch.utils.data.get_worker_info()
-    return int(os.environ.get("RANK", 0)), (info.id if info is not None else 0)
+    return int(os.environ.get("RANK", "0")), (info.id if info is not None else 0)
 
 
 def batched(iterable: Iterable, size: int) -> Iterator[list]:
@@ -119,7 +119,7 @@ class DeDeFilter:
             raise ValueError(f"no image field (looked for {', '.join(self.config.image_fields)})")
         return decode_image(data, self.scorer.config.image_size)
 
-    def _decide(self, scores: np.ndarray) -> "Decision":
+    def _decide(self, scores: np.ndarray) -> Decision:
         finite = np.isfinite(scores)
         suspect = self.threshold.suspects(scores) & finite
         passed = finite & ~(suspect & self.config.drop)

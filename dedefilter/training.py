@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from .config import DeDeConfig
-from .encoders import Encoder, embed_array
+from .encoders import Encoder, embed_array, to_float
 from .masking import random_visible
 from .model import DeDeModel, patchify
-from .ssl import to_float
 
 
 def masked_patch_mse(predicted: torch.Tensor, patches: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

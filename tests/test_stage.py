@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -70,11 +70,10 @@ def test_stage_runs_on_in_memory_samples_with_compose(scorer, shard_data):
 
 def truncate_last_member(path) -> str:
     """Cut a shard in the middle of its last member's data."""
-    data = open(path, "rb").read()
     with tarfile.open(path) as archive:
         last = archive.getmembers()[-1]
     cut = last.offset_data + last.size // 2
-    open(path, "wb").write(data[:cut])
+    Path(path).write_bytes(Path(path).read_bytes()[:cut])
     return last.name.split(".")[0]
 
 

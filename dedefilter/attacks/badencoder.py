@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ssl import to_float
+from ..encoders import to_float
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def train_badencoder(clean: nn.Module, images: np.ndarray, labels: np.ndarray, t
         mean, std = clean_shadow.mean(0), clean_shadow.std(0) + 1e-6
         clean_reference = (clean(reference) - mean) / std
         target = clean_reference.mean(0, keepdim=True)
-    standardise = lambda f: (f - mean) / std  # noqa: E731
+    standardise = lambda f: (f - mean) / std
 
     backdoored = copy.deepcopy(clean).requires_grad_(True).eval()  # eval: BatchNorm statistics stay clean
     optimizer = torch.optim.Adam(backdoored.parameters(), lr=config.lr)
