@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,8 @@ import torch.nn.functional as F
 from .encoders import Encoder, embed_array
 
 
-def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, epochs: int = 200, seed: int = 0):
+def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, epochs: int = 200,
+                       seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """Multinomial logistic regression on standardised features (full batch, Adam); returns a predictor."""
     torch.manual_seed(seed)
     mean, std = features.mean(0), features.std(0) + 1e-6

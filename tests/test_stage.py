@@ -119,3 +119,13 @@ def test_dataloader_wrapper_annotates_and_records(tmp_path, scorer, shard_data):
     assert [r["key"] for r in rows] == sorted(keys[:40])
     by_key = {r["key"]: r["score"] for r in rows}
     assert np.allclose([by_key[k] for k in keys[:40]], scores)
+
+
+def test_a_missing_shard_is_one_error_row_and_the_rest_runs(tmp_path, scorer, shards):
+    missing = str(tmp_path / "in" / "missing.tar")
+    result = filter_shards([missing, *shards], scorer, tmp_path / "out", num_workers=0, progress=False)
+    errors = [row for row in read_rows(result.parquet_dir) if row["status"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["key"] is None and errors[0]["url"] == missing
+    assert "No such file" in errors[0]["reason"]
+    assert result.ledger["kept"] + result.ledger["dropped"] == 300
