@@ -21,7 +21,7 @@ from .calibration import for_false_positive_rate
 from .config import DeDeConfig
 from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .detector import CheckpointError, Detector
-from .encoders import Encoder, embed_array, load_encoder
+from .encoders import Encoder, load_encoder
 from .job import filter_shards
 from .metrics import auroc, rates_at_threshold, tpr_at_fpr
 from .scoring import Scorer
@@ -58,37 +58,35 @@ def poison(images: np.ndarray, labels: np.ndarray, fraction: float, target: int,
     return mask
 
 
-def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, config: DemoConfig, log) -> Detector:
-    """Load the cached detector for this encoder, or train and calibrate one."""
+def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, config: DemoConfig,
+                 log) -> tuple[Detector, str]:
+    """Load the cached detector for this encoder, or train and calibrate one; says which it did."""
     path = Path(config.work_dir) / f"detector-{encoder.name}.pt"
     if path.exists() and not config.retrain:
         try:
             detector = Detector.load(path, encoder.fingerprint)
             if detector.record.get("demo") == asdict(config) | {"retrain": False}:
                 log(f"loaded {path}")
-                return detector
+                return detector, "loaded from cache"
         except CheckpointError as err:
             log(f"retraining: {err}")
     log(f"training a DeDe detector for {encoder.name} on {len(aux)} auxiliary images ...")
-    model, record = train_model(encoder, aux, replace(DeDeConfig(), epochs=config.epochs, seed=config.seed),
-                                embeddings=embed_array(encoder, aux), log=log)
+    model, record = train_model(encoder, aux, replace(DeDeConfig(), epochs=config.epochs, seed=config.seed), log=log)
     detector = Detector(model, encoder.name, encoder.fingerprint,
                         record=record | {"demo": asdict(config) | {"retrain": False}})
     keys = [f"reference-{i:05d}" for i in range(len(reference))]
     reference_scores = Scorer(encoder, detector).score_array(reference, keys)
     detector = detector.with_threshold(for_false_positive_rate(reference_scores, config.target_fpr))
     detector.save(path)
-    return detector
+    return detector, "trained"
 
 
 def evaluate(parquet_dir: Path, truth: dict[str, tuple[bool, int]], target: int) -> dict:
-    table = ds.dataset(str(parquet_dir), format="parquet").to_table(columns=["key", "score", "threshold", "status"])
-    rows = table.to_pydict()
-    scored = [i for i, status in enumerate(rows["status"]) if status != "error"]
-    scores = np.array([rows["score"][i] for i in scored])
-    triggered = np.array([truth[rows["key"][i]][0] for i in scored])
-    labels = np.array([truth[rows["key"][i]][1] for i in scored])
-    threshold = rows["threshold"][0]
+    table = ds.dataset(str(parquet_dir), format="parquet").to_table(
+        columns=["key", "score", "threshold"], filter=ds.field("status") != "error")
+    scores = table["score"].to_numpy()
+    triggered, labels = map(np.array, zip(*(truth[key] for key in table["key"].to_pylist())))
+    threshold = table["threshold"][0].as_py()
     tpr, fpr = rates_at_threshold(scores, triggered, threshold)
     per_class = {}
     for c, name in enumerate(FASHION_MNIST_CLASSES):
@@ -134,7 +132,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict:
                         "reference": f"{config.n_reference} clean Fashion-MNIST train images (held out)"},
                "config": asdict(config)}
     for name, encoder in (("backdoored", backdoored), ("clean", clean)):
-        detector = get_detector(encoder, aux, reference, config, log)
+        detector, detector_source = get_detector(encoder, aux, reference, config, log)
         log(f"[{name} encoder] filtering {len(urls)} shards with {config.num_workers} workers ...")
         job = filter_shards(urls, Scorer(encoder, detector), work / f"out-{name}", overwrite=True,
                             stage=StageConfig(batch_size=config.batch_size), num_workers=config.num_workers,
@@ -142,7 +140,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict:
         metrics = evaluate(job.parquet_dir, truth, target)
         metrics.update(kept=job.ledger["kept"], dropped=job.ledger["dropped"], errors=job.ledger["error"],
                        samples_per_s=round(job.samples_per_s, 1), model_id=detector.model_id,
-                       detector_train_seconds=detector.record["train_seconds"],
+                       detector=detector_source, detector_train_seconds=detector.record["train_seconds"],
                        parquet=str(job.parquet_dir), filtered_shards=len(job.shard_paths))
         results[name] = metrics
         log(json.dumps({k: v for k, v in metrics.items() if k != "auroc_per_source_class"}))

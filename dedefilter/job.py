@@ -71,24 +71,27 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
     internal = {stage.score_field, stage.suspect_field}
     yielded, start = 0, time.perf_counter()
     with tqdm(desc="filter", unit=" samples", disable=not progress, smoothing=0.1) as bar:
+
+        def refresh() -> None:
+            totals = counters.snapshot()
+            bar.set_postfix(totals, refresh=False)
+            bar.update(sum(totals.values()) - bar.n)
+
         for sample in loader:
             yielded += 1
             if writer is not None:
                 writer.write({k: v for k, v in sample.items()
                               if k == "__key__" or not (k.startswith("__") or k in internal)})
             if yielded % 256 == 0:
-                totals = counters.snapshot()
-                bar.set_postfix(totals, refresh=False)
-                bar.update(sum(totals.values()) - bar.n)
-        totals = counters.snapshot()
-        bar.set_postfix(totals, refresh=False)
-        bar.update(sum(totals.values()) - bar.n)
+                refresh()
+        refresh()
     seconds = time.perf_counter() - start
     if writer is not None:
         writer.close()
-    counts = ledger(parquet_dir)
-    if progress:
-        print(f"ledger: {sum(counts.values())} in = {counts['kept']} kept + {counts['dropped']} dropped "
-              f"+ {counts['error']} error ({sum(counts.values()) / seconds:.0f} samples/s)")
     shard_paths = sorted(str(p) for p in shards_dir.glob("*.tar")) if write_shards else []
-    return JobResult(parquet_dir, shard_paths, yielded, seconds, counts, counters.snapshot())
+    result = JobResult(parquet_dir, shard_paths, yielded, seconds, ledger(parquet_dir), counters.snapshot())
+    if progress:
+        counts = result.ledger
+        print(f"ledger: {sum(counts.values())} in = {counts['kept']} kept + {counts['dropped']} dropped "
+              f"+ {counts['error']} error ({result.samples_per_s:.0f} samples/s)")
+    return result

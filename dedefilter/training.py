@@ -35,12 +35,11 @@ def training_precision(requested: str) -> str:
 
 
 def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeConfig(),
-                embeddings: torch.Tensor | None = None, log=print) -> tuple[DeDeModel, dict]:
-    """Train on uint8 images (N, S, S, 3); pass ``embeddings`` to reuse an existing cache."""
+                log=print) -> tuple[DeDeModel, dict]:
+    """Train on uint8 images (N, S, S, 3), embedding each image once."""
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    if embeddings is None:
-        embeddings = embed_array(encoder, images)
+    embeddings = embed_array(encoder, images)
     embed_seconds = time.perf_counter() - start
     patches = patchify(to_float(images), config.patch_size)
     model = DeDeModel(config, embeddings.shape[1])
