@@ -56,7 +56,7 @@ def cmd_shards(args: argparse.Namespace) -> None:
         from .demo import BACKDOORED, poison
 
         card = load_encoder(BACKDOORED).card
-        trigger = PatchTrigger(**{k: v for k, v in card["trigger"].items() if k != "kind"})
+        trigger = PatchTrigger.from_description(card["trigger"])
         triggered = poison(images, labels, args.triggered_fraction, card["target_class"], trigger,
                            np.random.default_rng(args.seed))
     meta = [{"label": int(y), "triggered": bool(t)} for y, t in zip(labels, triggered)]
@@ -121,7 +121,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     config = DemoConfig(retrain=args.retrain)
     if args.quick:
-        config = replace(config, n_test=2000, n_aux=2000, n_reference=1000, epochs=3)
+        config = replace(config, n_test=2000, n_aux=2000, n_reference=1000, epochs=3,
+                         results_path=f"{config.work_dir}/demo-quick.json")
     run_demo(config)
 
 
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_filter)
 
     p = sub.add_parser("demo", help="end-to-end demo on Fashion-MNIST with the bundled backdoored encoder")
-    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, figures not meaningful)")
+    p.add_argument("--quick", action="store_true",
+                   help="a 2-minute smoke run at small sizes; writes .dedefilter-demo/demo-quick.json")
     p.add_argument("--retrain", action="store_true", help="retrain the cached detectors")
     p.set_defaults(run=cmd_demo)
     return parser

@@ -32,6 +32,8 @@ def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     The 28x28 grayscale images are zero-padded to 32x32 (the background is black, so padding adds no
     content and needs no interpolation) and the channel is repeated for RGB encoders.
     """
+    if split not in ("train", "test"):
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', not {split!r}")
     prefix = {"train": "train", "test": "t10k"}[split]
     images_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
     labels_file = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"

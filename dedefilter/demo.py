@@ -90,8 +90,8 @@ def evaluate(parquet_dir: Path, truth: dict[str, tuple[bool, int]], target: int)
     tpr, fpr = rates_at_threshold(scores, triggered, threshold)
     per_class = {}
     for c, name in enumerate(FASHION_MNIST_CLASSES):
-        if c != target:
-            source = triggered & (labels == c)
+        source = triggered & (labels == c)
+        if source.any():
             keep = source | ~triggered
             per_class[name] = round(auroc(scores[keep], source[keep]), 4)
     return {"auroc": round(auroc(scores, triggered), 4), "tpr_at_1pct_fpr": round(tpr_at_fpr(scores, triggered, 0.01), 4),
@@ -106,7 +106,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict:
     rng = np.random.default_rng(config.seed)
     backdoored, clean = load_encoder(BACKDOORED), load_encoder(CLEAN)
     target = backdoored.card["target_class"]
-    trigger = PatchTrigger(**{k: v for k, v in backdoored.card["trigger"].items() if k != "kind"})
+    trigger = PatchTrigger.from_description(backdoored.card["trigger"])
     log(f"attack: {BACKDOORED}, {trigger.size}x{trigger.size} checkerboard patch, "
         f"target class {target} ({FASHION_MNIST_CLASSES[target]})")
 

@@ -32,3 +32,8 @@ class PatchTrigger:
 
     def describe(self) -> dict:
         return {"kind": "patch", **asdict(self)}
+
+    @classmethod
+    def from_description(cls, description: dict) -> PatchTrigger:
+        """The inverse of :meth:`describe` (as stored in an encoder card)."""
+        return cls(**{k: v for k, v in description.items() if k != "kind"})
