@@ -122,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     config = DemoConfig(retrain=args.retrain)
     if args.quick:
         config = replace(config, n_test=2000, n_aux=2000, n_reference=1000, epochs=3,
-                         results_path=f"{config.work_dir}/demo-quick.json")
+                         work_dir=f"{config.work_dir}/quick", results_path=f"{config.work_dir}/quick/demo.json")
     run_demo(config)
 
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on Fashion-MNIST with the bundled backdoored encoder")
     p.add_argument("--quick", action="store_true",
-                   help="a 2-minute smoke run at small sizes; writes .dedefilter-demo/demo-quick.json")
+                   help="a 1-minute smoke run at small sizes in .dedefilter-demo/quick/")
     p.add_argument("--retrain", action="store_true", help="retrain the cached detectors")
     p.set_defaults(run=cmd_demo)
     return parser

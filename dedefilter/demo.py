@@ -9,6 +9,7 @@ score measures: the backdoor (the triggered embedding contradicts the image) or 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -115,6 +116,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict:
     triggered = poison(test_x, test_y, config.triggered_fraction, target, trigger, rng)
     keys = [f"fmnist-test-{i:05d}" for i in range(len(test_x))]
     meta = [{"label": FASHION_MNIST_CLASSES[y]} for y in test_y]
+    shutil.rmtree(work / "test-shards", ignore_errors=True)  # no stale shards from a larger run
     urls = write_image_shards(work / "test-shards", test_x, keys, test_y, meta, shard_size=1000)
     truth = {k: (bool(t), int(y)) for k, t, y in zip(keys, triggered, test_y)}
     log(f"wrote {len(urls)} shards: {len(keys)} test images, {int(triggered.sum())} triggered")

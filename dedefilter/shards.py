@@ -70,7 +70,7 @@ def shard_pipeline(urls: list[str], *stages) -> wds.DataPipeline:
 
 def write_image_shards(directory: str | Path, images: np.ndarray, keys: list[str], labels: np.ndarray,
                        meta: list[dict] | None = None, shard_size: int = 1000, prefix: str = "shard") -> list[str]:
-    """Write uint8 images as ``{key}.png`` + ``.cls`` (+ ``.json``) WebDataset shards; returns their paths."""
+    """Write uint8 images as ``{key}.png`` + ``.cls`` (+ ``.json``) WebDataset shards; returns the paths written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pattern = str(directory / f"{prefix}-%06d.tar")
@@ -80,7 +80,7 @@ def write_image_shards(directory: str | Path, images: np.ndarray, keys: list[str
             if meta is not None:
                 sample["json"] = json.dumps(meta[i]).encode()
             writer.write(sample)
-    return sorted(str(p) for p in directory.glob(f"{prefix}-*.tar"))
+    return [pattern % i for i in range(-(-len(keys) // shard_size))]
 
 
 def decode_shards(urls: list[str], limit: int | None = None, size: int = 32,
