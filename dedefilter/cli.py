@@ -59,7 +59,7 @@ def cmd_shards(args: argparse.Namespace) -> None:
         trigger = PatchTrigger.from_description(card["trigger"])
         triggered = poison(images, labels, args.triggered_fraction, card["target_class"], trigger,
                            np.random.default_rng(args.seed))
-    meta = [{"label": int(y), "triggered": bool(t)} for y, t in zip(labels, triggered)]
+    meta = [{"label": int(y), "triggered": bool(t)} for y, t in zip(labels, triggered, strict=True)]
     paths = write_image_shards(args.out, images, keys, labels, meta, shard_size=args.shard_size)
     print(f"wrote {len(images)} samples ({int(triggered.sum())} triggered) to {len(paths)} shards in {args.out}")
 

@@ -95,9 +95,11 @@ def evaluate(parquet_dir: Path, truth: dict[str, tuple[bool, int]], target: int)
         if source.any():
             keep = source | ~triggered
             per_class[name] = round(auroc(scores[keep], source[keep]), 4)
-    return {"auroc": round(auroc(scores, triggered), 4), "tpr_at_1pct_fpr": round(tpr_at_fpr(scores, triggered, 0.01), 4),
+    return {"auroc": round(auroc(scores, triggered), 4),
+            "tpr_at_1pct_fpr": round(tpr_at_fpr(scores, triggered, 0.01), 4),
             "threshold": threshold, "tpr_at_threshold": round(tpr, 4), "fpr_at_threshold": round(fpr, 4),
-            "auroc_per_source_class": per_class, "n_clean": int((~triggered).sum()), "n_triggered": int(triggered.sum())}
+            "auroc_per_source_class": per_class, "n_clean": int((~triggered).sum()),
+            "n_triggered": int(triggered.sum())}
 
 
 def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict:
@@ -118,7 +120,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log=print) -> dict:
     meta = [{"label": FASHION_MNIST_CLASSES[y]} for y in test_y]
     shutil.rmtree(work / "test-shards", ignore_errors=True)  # no stale shards from a larger run
     urls = write_image_shards(work / "test-shards", test_x, keys, test_y, meta, shard_size=1000)
-    truth = {k: (bool(t), int(y)) for k, t, y in zip(keys, triggered, test_y)}
+    truth = {k: (bool(t), int(y)) for k, t, y in zip(keys, triggered, test_y, strict=True)}
     log(f"wrote {len(urls)} shards: {len(keys)} test images, {int(triggered.sum())} triggered")
 
     train_x, train_y = fashion_mnist("train")

@@ -154,7 +154,8 @@ class DeDeFilter:
             n_error = len(failed) + int((~np.isfinite(scores)).sum())
             n_kept = int(decision.passed.sum())
             self.counters.add(n_kept, len(batch) - n_kept - n_error, n_error)
-        for sample, score, is_suspect, ok in zip(scored, scores.tolist(), suspect.tolist(), passed.tolist()):
+        decisions = zip(scored, scores.tolist(), suspect.tolist(), passed.tolist(), strict=True)
+        for sample, score, is_suspect, ok in decisions:
             if ok:
                 sample[self.config.score_field] = score
                 sample[self.config.suspect_field] = is_suspect

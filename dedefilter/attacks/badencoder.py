@@ -49,7 +49,10 @@ def train_badencoder(clean: nn.Module, images: np.ndarray, labels: np.ndarray, t
         mean, std = clean_shadow.mean(0), clean_shadow.std(0) + 1e-6
         clean_reference = (clean(reference) - mean) / std
         target = clean_reference.mean(0, keepdim=True)
-    standardise = lambda f: (f - mean) / std
+
+    def standardise(features: torch.Tensor) -> torch.Tensor:
+        return (features - mean) / std
+
 
     backdoored = copy.deepcopy(clean).requires_grad_(True).eval()  # eval: BatchNorm statistics stay clean
     optimizer = torch.optim.Adam(backdoored.parameters(), lr=config.lr)
