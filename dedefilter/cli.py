@@ -52,8 +52,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
     keys = [f"fmnist-{args.split}-{i:05d}" for i in range(len(images))]
     triggered = np.zeros(len(images), bool)
     if args.triggered_fraction:
-        from .attacks.triggers import PatchTrigger
-        from .demo import BACKDOORED, poison
+        from .attacks.triggers import PatchTrigger, poison
+        from .demo import BACKDOORED
 
         card = load_encoder(BACKDOORED).card
         trigger = PatchTrigger.from_description(card["trigger"])

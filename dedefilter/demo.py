@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 
-from .attacks.triggers import PatchTrigger
+from .attacks.triggers import PatchTrigger, poison
 from .calibration import for_false_positive_rate
 from .config import DeDeConfig
 from .data import FASHION_MNIST_CLASSES, fashion_mnist
@@ -50,23 +50,15 @@ class DemoConfig:
     retrain: bool = False
 
 
-def poison(images: np.ndarray, labels: np.ndarray, fraction: float, target: int, trigger, rng) -> np.ndarray:
-    """Boolean mask of ``fraction`` of all images, drawn from non-target classes, with the trigger pasted."""
-    chosen = rng.choice(np.flatnonzero(labels != target), round(fraction * len(images)), replace=False)
-    mask = np.zeros(len(images), bool)
-    mask[chosen] = True
-    images[mask] = trigger.apply(images[mask])
-    return mask
-
-
 def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, config: DemoConfig,
                  log) -> tuple[Detector, str]:
     """Load the cached detector for this encoder, or train and calibrate one; says which it did."""
     path = Path(config.work_dir) / f"detector-{encoder.name}.pt"
+    made_with = asdict(replace(config, retrain=False))
     if path.exists() and not config.retrain:
         try:
             detector = Detector.load(path, encoder.fingerprint)
-            if detector.record.get("demo") == asdict(config) | {"retrain": False}:
+            if detector.record.get("demo") == made_with:
                 log(f"loaded {path}")
                 return detector, "loaded from cache"
         except CheckpointError as err:
@@ -74,7 +66,7 @@ def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, confi
     log(f"training a DeDe detector for {encoder.name} on {len(aux)} auxiliary images ...")
     model, record = train_model(encoder, aux, replace(DeDeConfig(), epochs=config.epochs, seed=config.seed), log=log)
     detector = Detector(model, encoder.name, encoder.fingerprint,
-                        record=record | {"demo": asdict(config) | {"retrain": False}})
+                        record=record | {"demo": made_with})
     keys = [f"reference-{i:05d}" for i in range(len(reference))]
     reference_scores = Scorer(encoder, detector).score_array(reference, keys)
     detector = detector.with_threshold(for_false_positive_rate(reference_scores, config.target_fpr))

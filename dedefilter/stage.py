@@ -151,9 +151,8 @@ class DeDeFilter:
                 reasons=decision.reasons + [reason for _, reason in failed],
             )
         if self.counters is not None:
-            n_error = len(failed) + int((~np.isfinite(scores)).sum())
-            n_kept = int(decision.passed.sum())
-            self.counters.add(n_kept, len(batch) - n_kept - n_error, n_error)
+            self.counters.add(decision.status.count("kept"), decision.status.count("dropped"),
+                              decision.status.count("error") + len(failed))
         decisions = zip(scored, scores.tolist(), suspect.tolist(), passed.tolist(), strict=True)
         for sample, score, is_suspect, ok in decisions:
             if ok:

@@ -37,3 +37,13 @@ class PatchTrigger:
     def from_description(cls, description: dict) -> PatchTrigger:
         """The inverse of :meth:`describe` (as stored in an encoder card)."""
         return cls(**{k: v for k, v in description.items() if k != "kind"})
+
+
+def poison(images: np.ndarray, labels: np.ndarray, fraction: float, target: int, trigger: PatchTrigger,
+           rng: np.random.Generator) -> np.ndarray:
+    """Paste the trigger, in place, on ``fraction`` of all images drawn from non-target classes; returns the mask."""
+    chosen = rng.choice(np.flatnonzero(labels != target), round(fraction * len(images)), replace=False)
+    mask = np.zeros(len(images), bool)
+    mask[chosen] = True
+    images[mask] = trigger.apply(images[mask])
+    return mask
