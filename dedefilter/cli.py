@@ -104,7 +104,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     detector = Detector.load(args.detector, encoder.fingerprint)
     threshold = calibration.fixed(args.threshold) if args.threshold is not None else None
     urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
-    stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate)
+    stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate, store_embeddings=args.embeddings)
     result = filter_shards(urls, Scorer(encoder, detector), args.out, threshold, stage,
                            num_workers=args.workers, write_shards=not args.no_shards, overwrite=args.overwrite)
     print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--annotate", action="store_true", help="pass suspects on (flagged) instead of dropping them")
     p.add_argument("--no-shards", action="store_true", help="write Parquet scores only")
+    p.add_argument("--embeddings", action="store_true",
+                   help="store each sample's encoder embedding in Parquet (for `dedefilter audit`)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_filter)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([
+COLUMNS = [
     pa.field("key", pa.string()),
     pa.field("url", pa.string()),
     pa.field("score", pa.float32()),
@@ -26,7 +26,29 @@ SCHEMA = pa.schema([
     pa.field("status", pa.string()),  # "kept", "dropped" or "error"
     pa.field("reason", pa.string()),  # why a sample is an error; null otherwise
     pa.field("model_id", pa.string()),
-])
+]
+
+
+def schema(embed_dim: int | None = None) -> pa.Schema:
+    """The score table's schema; ``embed_dim`` adds the encoder embedding as a fixed-size float32 list
+    (null for error rows), so audits need no encoder."""
+    if embed_dim is None:
+        return pa.schema(COLUMNS)
+    return pa.schema(COLUMNS + [pa.field("embedding", pa.list_(pa.float32(), embed_dim))])
+
+
+SCHEMA = schema()
+
+
+def embedding_column(embeddings: np.ndarray | None, rows: int, dim: int) -> pa.Array:
+    """(k, dim) embeddings for the first k of ``rows`` rows, null for the rest."""
+    values = np.zeros((rows, dim), np.float32)
+    valid = np.zeros(rows, bool)
+    if embeddings is not None and len(embeddings):
+        values[:len(embeddings)] = embeddings
+        valid[:len(embeddings)] = True
+    flat = pa.array(values.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
 
 
 def writer_name(rank: int, worker: int) -> str:
@@ -35,7 +57,7 @@ def writer_name(rank: int, worker: int) -> str:
 
 class ParquetSink:
     def __init__(self, directory: str | Path, name: str, model_id: str, threshold: float,
-                 metadata: dict | None = None, row_group_size: int = 65_536):
+                 metadata: dict | None = None, row_group_size: int = 65_536, embed_dim: int | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.final_path = self.directory / f"{name}.parquet"
@@ -43,20 +65,25 @@ class ParquetSink:
         self.model_id = model_id
         self.threshold = np.float32(threshold)
         self.row_group_size = row_group_size
-        schema = SCHEMA.with_metadata({"dedefilter": json.dumps(metadata or {}, sort_keys=True)})
-        self._writer = pq.ParquetWriter(self.temp_path, schema)
+        self.embed_dim = embed_dim
+        table_schema = schema(embed_dim).with_metadata({"dedefilter": json.dumps(metadata or {}, sort_keys=True)})
+        self._writer = pq.ParquetWriter(self.temp_path, table_schema)
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self.rows = 0
 
     def write(self, keys: Sequence[str | None], urls: Sequence[str | None], scores: np.ndarray,
-              suspect: np.ndarray, status: Sequence[str], reasons: Sequence[str | None]) -> None:
-        """Record one batch of decisions (columns of equal length; scores NaN where unknown)."""
+              suspect: np.ndarray, status: Sequence[str], reasons: Sequence[str | None],
+              embeddings: np.ndarray | None = None) -> None:
+        """Record one batch of decisions (columns of equal length; scores NaN where unknown).
+
+        ``embeddings`` (rows, D) belong to the first rows (the scored samples); later rows get null.
+        """
         n = len(keys)
         if n == 0:
             return
         status_array = pa.array(status, pa.string())
-        batch = pa.RecordBatch.from_arrays([
+        columns = [
             pa.array(keys, pa.string()),
             pa.array(urls, pa.string()),
             pa.array(np.asarray(scores, np.float32), pa.float32(), from_pandas=True),
@@ -66,7 +93,10 @@ class ParquetSink:
             status_array,
             pa.array(reasons, pa.string()),
             pa.array([self.model_id] * n, pa.string()),
-        ], schema=self._writer.schema)
+        ]
+        if self.embed_dim is not None:
+            columns.append(embedding_column(embeddings, n, self.embed_dim))
+        batch = pa.RecordBatch.from_arrays(columns, schema=self._writer.schema)
         self._pending.append(batch)
         self._pending_rows += n
         self.rows += n

@@ -37,6 +37,7 @@ class StageConfig:
     score_field: str = "dede_score"
     suspect_field: str = "dede_suspect"
     row_group_size: int = 65_536
+    store_embeddings: bool = False  # add each sample's encoder embedding to Parquet (for offline audits)
 
 
 @dataclass
@@ -96,8 +97,9 @@ class DeDeFilter:
         metadata = {"config": asdict(detector.config), "threshold": self.threshold.to_dict(),
                     "encoder": detector.encoder_name, "encoder_fingerprint": detector.encoder_fingerprint,
                     "model_id": detector.model_id, "stage": asdict(self.config)}
+        embed_dim = self.scorer.encoder.embed_dim if self.config.store_embeddings else None
         return ParquetSink(self.config.parquet_dir, writer_name(*writer_identity()), detector.model_id,
-                           self.threshold.value, metadata, self.config.row_group_size)
+                           self.threshold.value, metadata, self.config.row_group_size, embed_dim)
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         sink = self._open_sink()
@@ -136,9 +138,10 @@ class DeDeFilter:
             except ValueError as err:
                 failed.append((sample, str(err)))
                 log.warning("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
-        scores = np.empty(0, np.float32)
+        scores, embeddings = np.empty(0, np.float32), None
         if scored:
-            scores = self.scorer.score(np.stack(images), [s["__key__"] for s in scored]).scores
+            result = self.scorer.score(np.stack(images), [s["__key__"] for s in scored])
+            scores, embeddings = result.scores, result.embeddings
         decision = self._decide(scores)
         suspect, passed = decision.suspect, decision.passed
         if sink is not None:
@@ -149,6 +152,7 @@ class DeDeFilter:
                 suspect=np.concatenate([suspect, np.zeros(len(failed), bool)]),
                 status=decision.status + ["error"] * len(failed),
                 reasons=decision.reasons + [reason for _, reason in failed],
+                embeddings=embeddings,
             )
         if self.counters is not None:
             self.counters.add(decision.status.count("kept"), decision.status.count("dropped"),
@@ -178,10 +182,12 @@ class DeDeFilter:
                 keys = list(batch.get("__key__", [])) if isinstance(batch, dict) else []
                 keys = keys or [str(i) for i in range(seen, seen + n)]
                 seen += n
-                scores = self.scorer.score_pixels(images.float(), keys).scores
+                result = self.scorer.score_pixels(images.float(), keys)
+                scores = result.scores
                 decision = self._decide(scores)
                 if sink is not None:
-                    sink.write(keys, [None] * n, scores, decision.suspect, decision.status, decision.reasons)
+                    sink.write(keys, [None] * n, scores, decision.suspect, decision.status, decision.reasons,
+                               result.embeddings)
                 yield self._select(batch, decision.passed, scores, decision.suspect)
         finally:
             if sink is not None:

@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 import webdataset as wds
@@ -129,3 +130,16 @@ def test_a_missing_shard_is_one_error_row_and_the_rest_runs(tmp_path, scorer, sh
     assert errors[0]["key"] is None and errors[0]["url"] == missing
     assert "No such file" in errors[0]["reason"]
     assert result.ledger["kept"] + result.ledger["dropped"] == 300
+
+
+def test_embeddings_are_stored_on_request_and_null_for_errors(tmp_path, scorer, shard_data, shards):
+    images, _, keys = shard_data
+    missing = str(tmp_path / "in" / "missing.tar")
+    stage = StageConfig(store_embeddings=True)
+    result = filter_shards([missing, *shards], scorer, tmp_path / "out", stage=stage, num_workers=0, progress=False)
+    table = ds.dataset(str(result.parquet_dir)).to_table()
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), scorer.encoder.embed_dim)
+    rows = {row["key"]: row["embedding"] for row in table.select(["key", "embedding"]).to_pylist()}
+    assert rows.pop(None) is None  # the missing shard's error row
+    expected = scorer.score(images[:5], keys[:5]).embeddings
+    assert np.array_equal(np.array([rows[k] for k in keys[:5]], np.float32), expected)
