@@ -90,7 +90,8 @@ class DeDeFilter:
         self.config = config
         self.counters = counters
 
-    def _open_sink(self) -> ParquetSink | None:
+    def _open_sink(self, name: str | None = None) -> ParquetSink | None:
+        """The part file ``name`` (default: one per rank and DataLoader worker) in ``parquet_dir``."""
         if self.config.parquet_dir is None:
             return None
         detector = self.scorer.detector
@@ -98,7 +99,7 @@ class DeDeFilter:
                     "encoder": detector.encoder_name, "encoder_fingerprint": detector.encoder_fingerprint,
                     "model_id": detector.model_id, "stage": asdict(self.config)}
         embed_dim = self.scorer.encoder.embed_dim if self.config.store_embeddings else None
-        return ParquetSink(self.config.parquet_dir, writer_name(*writer_identity()), detector.model_id,
+        return ParquetSink(self.config.parquet_dir, name or writer_name(*writer_identity()), detector.model_id,
                            self.threshold.value, metadata, self.config.row_group_size, embed_dim)
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
