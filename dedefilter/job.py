@@ -24,8 +24,19 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .calibration import Threshold
-from .markers import (JOB_FORMAT, STATUSES, Layout, clear_shard, clear_temps, hidden_temp, part_counts, prepare,
-                      summed, valid_marker, write_json_atomically)
+from .markers import (
+    JOB_FORMAT,
+    STATUSES,
+    Layout,
+    clear_shard,
+    clear_temps,
+    hidden_temp,
+    part_counts,
+    prepare,
+    summed,
+    valid_marker,
+    write_json_atomically,
+)
 from .scoring import Scorer
 from .shards import read_shard
 from .stage import Counters, DeDeFilter, StageConfig, batched
