@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 
-from dedefilter import DeDeConfig, Detector, Scorer, filter_shards, fixed, load_encoder, train_model
+from dedefilter import (
+    DeDeConfig,
+    Detector,
+    Scorer,
+    filter_shards,
+    for_false_positive_rate,
+    load_encoder,
+    train_model,
+)
 from dedefilter.data import fashion_mnist
 from dedefilter.shards import read_shard, split_member_name, write_image_shards
 
@@ -142,8 +150,10 @@ def main() -> None:
     train_images, _ = fashion_mnist("train")
     small = replace(DeDeConfig(), dim=64, heads=2, encoder_depth=1, decoder_depth=1, epochs=1, batch_size=128)
     model, _ = train_model(encoder, train_images[:1000], small, log=lambda *_: None)
-    detector = Detector(model, encoder.name, encoder.fingerprint, threshold=fixed(0.05))
     images, labels = fashion_mnist("test")
+    detector = Detector(model, encoder.name, encoder.fingerprint)
+    clean_scores = Scorer(encoder, detector).score_array(images[1000:1500], [f"ref-{i}" for i in range(500)])
+    detector = detector.with_threshold(for_false_positive_rate(clean_scores, 0.05))  # a sensible cut, not a tuned one
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_image_shards(Path(tmp) / "clean", images[:200], [f"fmnist-{i:05d}" for i in range(200)],
                                   labels[:200], shard_size=20)
