@@ -130,3 +130,15 @@ def test_resume_of_a_finished_run_scores_nothing(tmp_path, job, scorer):
     again = filter_shards(urls, scorer, tmp_path / "out", num_workers=0, progress=False, resume=True)
     assert again.resumed == N_SHARDS and sum(again.live_counts.values()) == 0
     assert again.balanced and again.markers == first.markers and again.ledger == first.ledger
+
+
+def test_the_cli_exits_1_when_the_ledger_does_not_balance(tmp_path, job, scorer, capsys):
+    urls, detector_path = job
+    out = tmp_path / "out"
+    filter_shards(urls, scorer, out, num_workers=0, progress=False)
+    stray = out / "parquet" / "part-stray.parquet"  # rows no shard's stats file accounts for
+    stray.write_bytes((out / "parquet" / "part-000002.parquet").read_bytes())
+    assert main([*filter_args(urls, detector_path, out), "--resume"]) == 1
+    captured = capsys.readouterr()
+    assert "ledger: 120 in = " in captured.out and "NOT BALANCED" in captured.out
+    assert "dedefilter filter: error: ledger does not balance" in captured.err
