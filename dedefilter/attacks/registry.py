@@ -28,7 +28,13 @@ from ..encoders import Encoder, build_encoder, embed_array, load_encoder, save_e
 from ..probe import backdoor_report
 from ..ssl import SimCLRConfig, train_simclr
 from .badencoder import BadEncoderConfig, train_badencoder
-from .triggers import BlendTrigger, CTRLTrigger, PatchTrigger, Trigger, poison_target_class
+from .triggers import (
+    BlendTrigger,
+    CTRLTrigger,
+    PatchTrigger,
+    Trigger,
+    poison_target_class,
+)
 
 DEFAULT_CACHE = Path(".dedefilter-bench") / "attacks"
 CLEAN_ENCODER = "fmnist-simclr"
@@ -50,12 +56,16 @@ class AttackSpec:
     simclr: SimCLRConfig | None = None
     poison_fraction: float = 0.0
     init: str | None = None  # ssl-poison: continue from this bundled encoder; None = from scratch
+    n_pretrain: int = 50_000  # ssl-poison: pretrain on train[:n_pretrain], poisoned
 
     def describe(self) -> dict:
         recipe = asdict(self.badencoder) if self.badencoder else asdict(self.simclr) if self.simclr else {}
-        return {"attack": self.name, "kind": self.kind, "summary": self.summary, "trigger": self.trigger.describe(),
-                "target_class": self.target_class, "target_name": FASHION_MNIST_CLASSES[self.target_class],
-                "poison_fraction": self.poison_fraction, "init": self.init, "config": recipe}
+        description = {"attack": self.name, "kind": self.kind, "summary": self.summary,
+                       "trigger": self.trigger.describe(), "target_class": self.target_class,
+                       "target_name": FASHION_MNIST_CLASSES[self.target_class], "config": recipe}
+        if self.kind == "ssl-poison":
+            description.update(poison_fraction=self.poison_fraction, init=self.init, n_pretrain=self.n_pretrain)
+        return description
 
 
 SMALL_TRIGGER = PatchTrigger(size=4, cell=1)  # a 4x4 pixel checkerboard: the case pixel error struggles with
@@ -124,14 +134,14 @@ def train_attack(spec: AttackSpec, device: str = "cpu", log=print) -> tuple[torc
         card.update(base_encoder=CLEAN_ENCODER, base_fingerprint=clean.fingerprint,
                     data="shadow set: Fashion-MNIST train[:50000] sample; reference: target-class images")
     elif spec.kind == "ssl-poison":
-        images = train_x[PRETRAIN].copy()
-        mask = poison_target_class(images, train_y[PRETRAIN], spec.poison_fraction, spec.target_class,
+        images = train_x[:spec.n_pretrain].copy()
+        mask = poison_target_class(images, train_y[:spec.n_pretrain], spec.poison_fraction, spec.target_class,
                                    spec.trigger, np.random.default_rng(spec.simclr.seed))
         init = load_encoder(spec.init) if spec.init else None
         module, record = train_simclr(images, spec.simclr, log, init=init.module if init else None, device=device)
         card.update(n_poisoned=int(mask.sum()), base_encoder=spec.init,
                     base_fingerprint=init.fingerprint if init else None,
-                    data="Fashion-MNIST train[:50000], poisoned in place (target-class images triggered)")
+                    data=f"Fashion-MNIST train[:{spec.n_pretrain}], poisoned in place (target-class images triggered)")
     else:
         raise ValueError(f"attack {spec.name!r} of kind {spec.kind!r} has no recipe to train")
     card["record"] = record
@@ -157,7 +167,7 @@ def load_or_train(name: str, cache_dir: str | Path = DEFAULT_CACHE, device: str 
     if path.exists():
         encoder = load_encoder(str(path))
         expected = json.loads(json.dumps(spec.describe()))
-        if any(encoder.card.get(key) != expected[key] for key in ("trigger", "target_class", "config", "init")):
+        if any(encoder.card.get(key) != value for key, value in expected.items() if key != "summary"):
             raise ValueError(f"{path} was made by a different recipe than attack {name!r}: delete it to retrain")
         return encoder, encoder.card
     module, card = train_attack(spec, device, log)

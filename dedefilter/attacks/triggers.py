@@ -134,7 +134,7 @@ class CTRLTrigger:
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 with H, W multiples of ``window`` -> a triggered copy."""
-        n, h, w, _ = images.shape
+        _, h, w, _ = images.shape
         if h % self.window or w % self.window:
             raise ValueError(f"CTRL trigger needs image sides divisible by window {self.window}, got {h}x{w}")
         ycbcr = rgb_to_ycbcr(images.astype(np.float64))
