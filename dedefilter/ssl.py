@@ -78,7 +78,7 @@ def train_simclr(images: np.ndarray, config: SimCLRConfig = SimCLRConfig(), log=
     data = to_float(images).to(device)
     start, losses = time.perf_counter(), []
     for epoch in range(config.epochs):
-        order = torch.randperm(len(data), generator=generator)
+        order = torch.randperm(len(data), generator=generator).to(device)
         total = 0.0
         for i in range(0, len(data) - config.batch_size + 1, config.batch_size):
             batch = data[order[i:i + config.batch_size]]

@@ -88,7 +88,7 @@ def train_badencoder(clean: nn.Module, images: np.ndarray, labels: np.ndarray, t
     generator = torch.Generator().manual_seed(config.seed)
     start, history = time.perf_counter(), []
     for epoch in range(config.epochs):
-        order = torch.randperm(len(shadow), generator=generator)
+        order = torch.randperm(len(shadow), generator=generator).to(device)
         for i in range(0, len(shadow), config.batch_size):
             idx = order[i:i + config.batch_size]
             triggered_features = standardise(backdoored(triggered[idx]))

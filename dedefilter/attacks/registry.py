@@ -88,12 +88,12 @@ ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in [
                "BadEncoder, 4x4 checkerboard patch (small trigger)", badencoder=_BADENCODER),
     AttackSpec("sslpoison-patch-tshirt", "ssl-poison", PatchTrigger(), T_SHIRT,
                "SimCLR data poisoning: 5% of pretraining images are T-shirts with the patch; "
-               "continued pretraining of fmnist-simclr", simclr=_SSL_CONTINUED, poison_fraction=0.05,
-               init=CLEAN_ENCODER),
+               "continued pretraining of fmnist-simclr on train[:10000]", simclr=_SSL_CONTINUED,
+               poison_fraction=0.05, init=CLEAN_ENCODER, n_pretrain=10_000),
     AttackSpec("ctrl-tshirt", "ssl-poison", CTRLTrigger(), T_SHIRT,
                "CTRL: SimCLR data poisoning with a luma DCT trigger on 5% of pretraining images (T-shirts); "
-               "continued pretraining of fmnist-simclr", simclr=_SSL_CONTINUED, poison_fraction=0.05,
-               init=CLEAN_ENCODER),
+               "continued pretraining of fmnist-simclr on train[:10000]", simclr=_SSL_CONTINUED,
+               poison_fraction=0.05, init=CLEAN_ENCODER, n_pretrain=10_000),
     AttackSpec("sslpoison-patch-tshirt-scratch", "ssl-poison", PatchTrigger(), T_SHIRT,
                "SimCLR data poisoning from scratch (GPU recipe): 5% patched T-shirts",
                simclr=_SSL_SCRATCH, poison_fraction=0.05),
