@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The Debian package's location; DEDEFILTER_FASHION_MNIST points elsewhere (e.g. a copy on a GPU machine).
+FASHION_MNIST_DIR = Path(os.environ.get("DEDEFILTER_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
