@@ -39,6 +39,7 @@ from . import detection_methods as methods
 AUX_MODES = ("id-clean", "id-poisoned-1%", "ood-photos")
 BASELINES = ("l2-norm", "knn-density", "mask-consistency")
 VARIANTS = ("dede", "dede-mean8", "dede-embedding", "dede-differential", "dede+density", "dede+consistency")
+MIN_ASR = 0.8  # an attack that does not work is not a test of a detector: listed, not evaluated
 BEST = "dede+density"  # the variant the downstream table and the must-show figures use (declared, not picked per attack)
 
 
@@ -156,6 +157,12 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
     encoder.module.to(config.device)
     spec = ATTACKS[name]
     trigger, target = spec.trigger, spec.target_class
+    described = {"summary": spec.summary, "target": FASHION_MNIST_CLASSES[target], "trigger": trigger.describe(),
+                 "probe": card.get("probe"), "spread": card.get("spread")}
+    if card["probe"]["asr"] < MIN_ASR:
+        log(f"{name}: ASR {card['probe']['asr']:.3f} < {MIN_ASR}: the attack failed, not evaluated")
+        encoder.module.cpu()
+        return described | {"results": None, "seconds": round(time.perf_counter() - start, 1)}
     stream = make_stream(trigger, target, config)
     device = config.device
     log(f"{name}: {len(stream.keys)} stream images ({int(stream.triggered.sum())} triggered), target "
@@ -206,9 +213,7 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
     for metrics in results["baselines"].values():
         metrics.pop("_flagged")
     encoder.module.cpu()
-    return {"summary": spec.summary, "target": FASHION_MNIST_CLASSES[target], "trigger": trigger.describe(),
-            "probe": card.get("probe"), "spread": card.get("spread"), "results": results,
-            "seconds": round(time.perf_counter() - start, 1)}
+    return described | {"results": results, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _best_baseline(results: dict) -> tuple[str, float]:
@@ -218,6 +223,8 @@ def _best_baseline(results: dict) -> tuple[str, float]:
 
 def markdown(report: dict) -> str:
     meta = report["meta"]
+    evaluated = {name: a for name, a in report["attacks"].items() if a["results"] is not None}
+    failed = {name: a for name, a in report["attacks"].items() if a["results"] is None}
     lines = [
         "# Detection benchmark", "",
         f"`{meta['command']}` on {meta['device_name']} ({meta['date']}, torch {meta['torch']}, "
@@ -236,7 +243,7 @@ def markdown(report: dict) -> str:
     def cell(metrics: dict) -> str:
         return f"{metrics['auroc']:.3f} ({metrics['tpr_at_1fpr']:.2f})"
 
-    for name, attack in report["attacks"].items():
+    for name, attack in evaluated.items():
         r = attack["results"]
         probe = attack["probe"] or {}
         lines.append(f"| {name} | {attack['target']} | {probe.get('asr', float('nan')):.3f} / "
@@ -245,7 +252,7 @@ def markdown(report: dict) -> str:
                      + " | ".join(cell(r["id-poisoned-1%"][v]) for v in VARIANTS) + " |")
     lines += ["", "## DeDe by auxiliary data (AUROC of the paper score / of " + BEST + ")", "",
               "| attack | " + " | ".join(AUX_MODES) + " | best baseline |", "|" + "---|" * (2 + len(AUX_MODES))]
-    for name, attack in report["attacks"].items():
+    for name, attack in evaluated.items():
         r = attack["results"]
         base, value = _best_baseline(r)
         lines.append(f"| {name} | " + " | ".join(f"{r[m]['dede']['auroc']:.3f} / {r[m][BEST]['auroc']:.3f}"
@@ -254,18 +261,22 @@ def markdown(report: dict) -> str:
               "1%-poisoned aux, threshold at 1% FPR on the reference)", "",
               "| attack | CA before | CA after | ASR before | ASR after | dropped triggered | dropped clean |",
               "|---|---|---|---|---|---|---|"]
-    for name, attack in report["attacks"].items():
+    for name, attack in evaluated.items():
         r = attack["results"]
         best = r["id-poisoned-1%"][BEST]
         lines.append(f"| {name} | {r['downstream_unfiltered']['clean_accuracy']:.3f} | "
                      f"{best['downstream_filtered']['clean_accuracy']:.3f} | {r['downstream_unfiltered']['asr']:.3f} | "
                      f"{best['downstream_filtered']['asr']:.3f} | {best['threshold_tpr']:.3f} | {best['threshold_fpr']:.3f} |")
     lines += ["", "## AUROC per source class (1%-poisoned aux): paper score / " + BEST, ""]
-    for name, attack in report["attacks"].items():
+    for name, attack in evaluated.items():
         r = attack["results"]["id-poisoned-1%"]
         classes = list(r["dede"]["per_class_auroc"])
         lines += [f"**{name}** (target {attack['target']}): " + ", ".join(
             f"{c} {r['dede']['per_class_auroc'][c]:.2f}/{r[BEST]['per_class_auroc'][c]:.2f}" for c in classes), ""]
+    if failed:
+        lines += [f"## Attacks that failed (linear-probe ASR < {MIN_ASR:.0%}: not a test of any detector)", ""]
+        lines += [f"- {name}: ASR {a['probe']['asr']:.3f}, clean accuracy {a['probe']['clean_accuracy']:.3f} "
+                  f"({a['summary']})" for name, a in failed.items()]
     return "\n".join(lines) + "\n"
 
 
