@@ -14,10 +14,14 @@ Writes ``benchmarks/results/detection.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import multiprocessing
+import os
 import json
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -286,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attacks", nargs="+", choices=sorted(ATTACKS))
     parser.add_argument("--results", help="output path without extension")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="attacks evaluated in parallel processes (a GPU is mostly idle with one)")
     args = parser.parse_args(argv)
     config = BenchConfig(device=args.device)
     if args.quick:
@@ -296,7 +302,14 @@ def main(argv: list[str] | None = None) -> dict:
         config = replace(config, results=args.results)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    attacks = {name: evaluate_attack(name, config, print) for name in config.attacks}
+    if args.jobs > 1:
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads,
+                                 initargs=(max(1, (os.cpu_count() or 1) // args.jobs),)) as pool:
+            evaluate = functools.partial(evaluate_attack, config=config, log=print)
+            attacks = dict(zip(config.attacks, pool.map(evaluate, config.attacks), strict=True))
+    else:
+        attacks = {name: evaluate_attack(name, config, print) for name in config.attacks}
     device_name = torch.cuda.get_device_name() if config.device.startswith("cuda") else platform.processor() or "cpu"
     report = {"meta": {"command": "python -m benchmarks.detection" + (" --quick" if args.quick else ""),
                        "config": asdict(config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

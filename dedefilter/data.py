@@ -79,6 +79,8 @@ def load_photo(name: str) -> np.ndarray:
         raise DataUnavailable(
             f"photo {name!r} needs its package: pip install 'dedefilter[photos]' ({err})"
         ) from err
+    except OSError as err:  # a package version that fetches this photo instead of shipping it, offline
+        raise DataUnavailable(f"photo {name!r} is not in the installed package ({err})") from err
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
