@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import json
 import platform
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -220,6 +221,11 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
     return described | {"results": results, "seconds": round(time.perf_counter() - start, 1)}
 
 
+def evaluate_and_save(name: str, config: BenchConfig, parts: Path) -> None:
+    """Evaluate one attack and save its results at once, so a run cut short keeps what it finished."""
+    (parts / f"{name}.json").write_text(json.dumps(evaluate_attack(name, config, print), indent=1))
+
+
 def _best_baseline(results: dict) -> tuple[str, float]:
     name = max(BASELINES, key=lambda m: results["baselines"][m]["auroc"])
     return name, results["baselines"][name]["auroc"]
@@ -290,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attacks", nargs="+", choices=sorted(ATTACKS))
     parser.add_argument("--results", help="output path without extension")
+    parser.add_argument("--assemble", action="store_true",
+                        help="only write the report from the per-attack results an earlier run saved")
     parser.add_argument("--jobs", type=int, default=1,
                         help="attacks evaluated in parallel processes (a GPU is mostly idle with one)")
     args = parser.parse_args(argv)
@@ -302,19 +310,27 @@ def main(argv: list[str] | None = None) -> dict:
         config = replace(config, results=args.results)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    if args.jobs > 1:
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads,
-                                 initargs=(max(1, (os.cpu_count() or 1) // args.jobs),)) as pool:
-            evaluate = functools.partial(evaluate_attack, config=config, log=print)
-            attacks = dict(zip(config.attacks, pool.map(evaluate, config.attacks), strict=True))
-    else:
-        attacks = {name: evaluate_attack(name, config, print) for name in config.attacks}
+    parts = Path(f"{config.results}-parts")
+    if not args.assemble:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+        evaluate = functools.partial(evaluate_and_save, config=config, parts=parts)
+        if args.jobs > 1:
+            context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+            with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads,
+                                     initargs=(max(1, (os.cpu_count() or 1) // args.jobs),)) as pool:
+                list(pool.map(evaluate, config.attacks))
+        else:
+            for name in config.attacks:
+                evaluate(name)
+    attacks = {name: json.loads((parts / f"{name}.json").read_text())
+               for name in config.attacks if (parts / f"{name}.json").exists()}
     device_name = torch.cuda.get_device_name() if config.device.startswith("cuda") else platform.processor() or "cpu"
     report = {"meta": {"command": "python -m benchmarks.detection" + (" --quick" if args.quick else ""),
                        "config": asdict(config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                        "torch": torch.__version__, "device_name": f"{device_name} ({torch.get_num_threads()} threads)",
-                       "seconds": round(time.perf_counter() - start, 1)},
+                       "seconds": round(time.perf_counter() - start, 1),
+                       "attack_seconds": {name: attack["seconds"] for name, attack in attacks.items()}},
               "attacks": attacks}
     path = Path(config.results)
     path.parent.mkdir(parents=True, exist_ok=True)
