@@ -54,7 +54,7 @@ def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeC
     model.train()
     for epoch in range(config.epochs):
         order = torch.randperm(len(patches), generator=generator)
-        total, batches = torch.zeros(()), 0
+        total, batches = torch.zeros((), device=device), 0
         for i in range(0, len(order), config.batch_size):
             idx = order[i:i + config.batch_size]
             visible = random_visible(len(idx), config.n_patches, n_visible, generator).to(device)
