@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import multiprocessing
 import os
-import json
 import platform
 import shutil
 import time
@@ -43,9 +43,11 @@ from . import detection_methods as methods
 
 AUX_MODES = ("id-clean", "id-poisoned-1%", "ood-photos")
 BASELINES = ("l2-norm", "knn-density", "mask-consistency")
-VARIANTS = ("dede", "dede-mean8", "dede-embedding", "dede-differential", "dede+density", "dede+consistency")
+VARIANTS = ("dede", "dede-mean8", "dede-embedding", "dede-differential", "dede+density", "dede+consistency",
+            "dede+density+consistency")
 MIN_ASR = 0.8  # an attack that does not work is not a test of a detector: listed, not evaluated
-BEST = "dede+density"  # the variant the downstream table and the must-show figures use (declared, not picked per attack)
+# The variant of the downstream table and the must-show figures: one choice for every attack, not picked per attack.
+BEST = "dede+density"
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ class BenchConfig:
     results: str = "benchmarks/results/detection"
 
 
-QUICK = {"n_clean": 1000, "n_triggered_per_class": 40, "n_reference": 500, "n_aux": 1500, "epochs": 3,
-         "n_probe_train": 3000, "results": "benchmarks/results/detection-quick"}
+QUICK = {"attacks": ("badencoder-patch-trouser", "badencoder-patch-tshirt"), "n_clean": 1000,
+         "n_triggered_per_class": 40, "n_reference": 500, "n_aux": 1500, "epochs": 3, "n_probe_train": 3000,
+         "results": "benchmarks/results/detection-quick"}
 
 
 @dataclass
@@ -208,6 +211,8 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
         }
         own["dede+density"] = methods.zscore_sum([own["dede"], scores["knn-density"]])
         own["dede+consistency"] = methods.zscore_sum([own["dede"], scores["mask-consistency"]])
+        own["dede+density+consistency"] = methods.zscore_sum(
+            [own["dede"], scores["knn-density"], scores["mask-consistency"]])
         mode_results = {}
         for variant in VARIANTS:
             metrics = detection_metrics(*own[variant], stream, config.target_fpr)
@@ -243,7 +248,8 @@ def markdown(report: dict) -> str:
         f"{meta['config']['n_triggered_per_class']} triggered test images per non-target class; "
         f"{meta['config']['n_reference']} clean reference images (thresholds at "
         f"{meta['config']['target_fpr']:.0%} FPR, z-scores); DeDe at the paper's size, "
-        f"{meta['config']['epochs']} epochs on {meta['config']['n_aux']} auxiliary images; seed {meta['config']['seed']}.",
+        f"{meta['config']['epochs']} epochs on {meta['config']['n_aux']} auxiliary images; "
+        f"seed {meta['config']['seed']}.",
         "", "## AUROC (TPR at 1% FPR)", "",
         "| attack | target | probe ASR / CA | " + " | ".join(BASELINES) + " | "
         + " | ".join(f"{v} {m}" for m in ("id-poisoned-1%",) for v in VARIANTS) + " |",
@@ -276,7 +282,8 @@ def markdown(report: dict) -> str:
         best = r["id-poisoned-1%"][BEST]
         lines.append(f"| {name} | {r['downstream_unfiltered']['clean_accuracy']:.3f} | "
                      f"{best['downstream_filtered']['clean_accuracy']:.3f} | {r['downstream_unfiltered']['asr']:.3f} | "
-                     f"{best['downstream_filtered']['asr']:.3f} | {best['threshold_tpr']:.3f} | {best['threshold_fpr']:.3f} |")
+                     f"{best['downstream_filtered']['asr']:.3f} | {best['threshold_tpr']:.3f} | "
+                     f"{best['threshold_fpr']:.3f} |")
     lines += ["", "## AUROC per source class (1%-poisoned aux): paper score / " + BEST, ""]
     for name, attack in evaluated.items():
         r = attack["results"]["id-poisoned-1%"]
