@@ -240,7 +240,7 @@ def neighbours(x: np.ndarray, k: int, config: AuditConfig = AuditConfig()) -> Ne
     exact = faiss.IndexFlatL2(d)
     exact.add(x)
     queries = np.sort(rng.choice(n, min(n, config.recall_queries), replace=False))
-    d_true, i_true = exact.search(x[queries], k + 1)
+    _, i_true = exact.search(x[queries], k + 1)
     hits = [len(set(a) & (set(b) - {q})) for q, a, b in zip(queries, i[queries], i_true, strict=True)]
     recall = float(np.sum(hits) / (k * len(queries)))
     return Neighbours(i, dist, "ivf", recall, {"nlist": nlist, "nprobe": config.nprobe,
@@ -365,7 +365,7 @@ def analyse(data: Scan, config: AuditConfig = AuditConfig(), label_code: np.ndar
     cluster_row, region_row = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
     if len(rows) < 2:
         return Analysis(per_row["knn_distance"], per_row["collapse"], cluster_row, region_row, [],
-                        {"kind": "none", "points": int(len(rows))})
+                        {"kind": "none", "points": len(rows)})
     emb = data.embeddings if len(rows) == n else data.embeddings[rows]
     first, group, counts = unique_rows(emb)
     points = emb[first]
@@ -420,7 +420,7 @@ def analyse(data: Scan, config: AuditConfig = AuditConfig(), label_code: np.ndar
                         member_labels={label_names[j]: int(mix[j]) for j in np.argsort(-mix)[:5] if mix[j]})
         clusters.append(info)
     index = {"kind": nb.kind, "recall_at_k": round(nb.recall, 4), "k": int(nb.index.shape[1]),
-             "points": int(len(first)), "rows": int(len(rows)), "duplicate_rows": int(len(rows) - len(first)),
+             "points": len(first), "rows": len(rows), "duplicate_rows": int(len(rows) - len(first)),
              "seeds": int(seeds.sum()), "flagged_points": int(flagged.sum()), **nb.params}
     return Analysis(per_row["knn_distance"], per_row["collapse"], cluster_row, region_row, clusters, index)
 
