@@ -140,7 +140,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
     urls = [url for pattern in args.shards or [] for url in braceexpand.braceexpand(pattern)]
     labels = labels_from_file(args.labels) if args.labels else (
         labels_from_shards(urls, args.label_field) if urls and args.label_field else None)
-    config = AuditConfig(k=args.k, min_collapse=args.min_collapse, exact_max=args.exact_max, nprobe=args.nprobe)
+    given = {name: getattr(args, name) for name in ("k", "min_collapse", "exact_max", "nprobe")}
+    config = replace(AuditConfig(), **{name: v for name, v in given.items() if v is not None})
     result = audit(args.parquet, config, labels)
     out = write_audit(result, args.out)
     if not args.no_report:
@@ -233,11 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", nargs="+", help="the scored shards (thumbnails, and labels from --label-field)")
     p.add_argument("--labels", help="key,label CSV or JSON object (instead of labels from the shards)")
     p.add_argument("--label-field", default="cls", help="shard field holding the label: cls, or json:NAME")
-    p.add_argument("--k", type=int, default=10, help="neighbours per sample")
-    p.add_argument("--min-collapse", type=float, default=0.3,
-                   help="flagged share of neighbours for a flagged sample to seed a cluster")
-    p.add_argument("--exact-max", type=int, default=100_000, help="exact kNN up to this many embeddings, IVF above")
-    p.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
+    p.add_argument("--k", type=int, help="neighbours per sample (default 10)")
+    p.add_argument("--min-collapse", type=float,
+                   help="flagged share of neighbours for a flagged sample to seed a cluster (default 0.3)")
+    p.add_argument("--exact-max", type=int, help="exact kNN up to this many embeddings, IVF above (default 20000)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 16)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report (no matplotlib needed)")
     p.set_defaults(run=cmd_audit)
 
