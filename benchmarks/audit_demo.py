@@ -45,7 +45,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if not args.reuse_scores or not (work / "scores" / "parquet").exists():
         run(["filter", *urls, "--encoder", "fmnist-badencoder",
-             "--detector", str(demo / "detector-fmnist-badencoder.pt"), "--out", str(work / "scores"), "--embeddings", "--no-shards", "--overwrite"])
+             "--detector", str(demo / "detector-fmnist-badencoder.pt"), "--out", str(work / "scores"),
+             "--embeddings", "--no-shards", "--overwrite"])
     scored = time.perf_counter()
     run(["audit", str(work / "scores" / "parquet"), "--out", str(work / "audit"), "--shards", *urls,
          "--label-field", "json:label"])

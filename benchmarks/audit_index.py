@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from audit_scale import real_rows  # noqa: E402
+from audit_scale import real_rows
 
-from dedefilter.audit import AuditConfig, analyse, neighbours, scan  # noqa: E402
+from dedefilter.audit import AuditConfig, analyse, neighbours, scan
 
 
 def smote(x: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow.dataset as ds
 
 sys.path.insert(0, str(Path(__file__).parent))
-from audit_demo import truth  # noqa: E402
+from audit_demo import truth
 
-from dedefilter.sink import ParquetSink  # noqa: E402
+from dedefilter.sink import ParquetSink
 
 
 def real_rows(scores_dir: str, shards: list[str], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

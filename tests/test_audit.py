@@ -8,7 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dedefilter.audit import AuditConfig, audit, labels_from_shards, select_keys, write_audit
+from dedefilter.audit import (
+    AuditConfig,
+    audit,
+    labels_from_shards,
+    select_keys,
+    write_audit,
+)
 from dedefilter.cli import main
 from dedefilter.shards import read_shard
 from dedefilter.sink import ParquetSink
@@ -122,7 +128,7 @@ def test_select_command_refuses_two_criteria(planted, tmp_path, capsys):
 
 def test_audit_report_select_reshard_round_trip(tmp_path, shards, shard_data, capsys):
     """Hand-made scores for the real shards (every 10th image triggered): the triggered ones collapse."""
-    images, labels, keys = shard_data
+    _, labels, keys = shard_data
     rng = np.random.default_rng(1)
     triggered = np.zeros(len(keys), bool)
     triggered[::10] = True
