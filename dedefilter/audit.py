@@ -526,13 +526,15 @@ def select_keys(path: str | Path, threshold: float | None = None, fraction: floa
             raise ValueError(f"{path} holds no clusters: select a cluster from an audit directory")
         table = dataset.to_table(columns=["key"], filter=ds.field(column) == cluster)
         return sorted(table["key"].to_pylist())
-    table = dataset.to_table(columns=["key", "score"], filter=pc.is_finite(ds.field("score")))
-    scores = table["score"].to_numpy()
     if fraction is not None:
         if not 0 < fraction < 1:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        scores = dataset.to_table(columns=["score"], filter=pc.is_finite(ds.field("score")))["score"].to_numpy()
         threshold = fraction_threshold(np.sort(scores), fraction)
-    return sorted(table["key"].filter(pa.array(scores > threshold)).to_pylist())
+    keys = []
+    for batch in dataset.to_batches(columns=["key"], filter=ds.field("score") > threshold):
+        keys.extend(batch.column("key").to_pylist())
+    return sorted(keys)
 
 
 # ---------------------------------------------------------------- the audit
