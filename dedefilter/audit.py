@@ -51,7 +51,7 @@ class AuditConfig:
     min_rank: float = 0.65  # a level is refused when the points it adds have a lower mean score rank
     max_regions: int = 20  # grow regions for this many of the largest clusters
     exact_max: int = 20_000  # exact kNN up to here; IVF above: 2x+ faster, recall@10 0.999 (benchmarks/audit_index.py)
-    nprobe: int = 16  # IVF lists searched per query above exact_max (recall measured)
+    nprobe: int = 8  # IVF lists (of 4 sqrt(n)) searched per query above exact_max (recall measured)
     recall_queries: int = 1000  # IVF recall@k is measured against exact search on this many queries
     fractions: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
     threshold_factors: tuple[float, ...] = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)
@@ -241,11 +241,11 @@ def neighbours(x: np.ndarray, k: int, config: AuditConfig = AuditConfig()) -> Ne
         index.add(x)
         i, dist = _search(index, x, k)
         return Neighbours(i, dist, "flat", 1.0)
-    nlist = int(2 * math.sqrt(n))
+    nlist = int(4 * math.sqrt(n))
     rng = np.random.default_rng(config.seed)
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
     index.cp.seed, index.cp.niter = config.seed, 10
-    index.train(x[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))])
+    index.train(x[np.sort(rng.choice(n, min(n, 32 * nlist), replace=False))])
     index.add(x)
     index.nprobe = config.nprobe
     i, dist = _search(index, x, k)

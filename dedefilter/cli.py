@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-collapse", type=float,
                    help="flagged share of neighbours for a flagged sample to seed a cluster (default 0.3)")
     p.add_argument("--exact-max", type=int, help="exact kNN up to this many embeddings, IVF above (default 20000)")
-    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 16)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 8)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report (no matplotlib needed)")
     p.set_defaults(run=cmd_audit)
 
