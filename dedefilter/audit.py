@@ -245,7 +245,7 @@ def neighbours(x: np.ndarray, k: int, config: AuditConfig = AuditConfig()) -> Ne
     rng = np.random.default_rng(config.seed)
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
     index.cp.seed, index.cp.niter = config.seed, 10
-    index.train(x[np.sort(rng.choice(n, min(n, 32 * nlist), replace=False))])
+    index.train(x[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))])  # faiss asks for >= 39 per list
     index.add(x)
     index.nprobe = config.nprobe
     i, dist = _search(index, x, k)
