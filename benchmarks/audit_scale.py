@@ -69,12 +69,18 @@ def synthesise(out: Path, rows: int, x: np.ndarray, scores: np.ndarray, threshol
 
 
 def timed(command: list[str]) -> dict:
-    """Run ``command`` as a child process: wall seconds and peak RSS (the child's ru_maxrss)."""
+    """Run ``command`` as a child process: wall and CPU seconds, peak RSS (the child's ru_maxrss).
+
+    CPU seconds (user + system) stay meaningful on a machine shared with other jobs; wall does not.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 1),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 3)}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"wall_seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "peak_rss_gb": round(after.ru_maxrss / 2**20, 3), "load_average_after": os.getloadavg()}
 
 
 def main() -> None:
