@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -552,9 +553,19 @@ class AuditResult:
 def audit(parquet_dir: str | Path, config: AuditConfig = AuditConfig(),
           labels: dict[str, str] | None = None) -> AuditResult:
     """Statistics, and (when the scores hold embeddings) the collapse analysis."""
+    clock = time.perf_counter()
+    seconds = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+
     data = scan(parquet_dir, config.batch_rows)
+    lap("scan")
     summary = {"parquet": str(parquet_dir), "config": asdict(config), "filter": data.metadata,
-               **statistics(data, config)}
+               **statistics(data, config), "seconds": seconds}
+    lap("statistics")
     label_code = label_names = None
     if labels:
         label_code, label_names = encode_labels(data.keys, labels)
@@ -562,6 +573,7 @@ def audit(parquet_dir: str | Path, config: AuditConfig = AuditConfig(),
     analysis = None
     if data.embeddings is not None:
         analysis = analyse(data, config, label_code, label_names)
+        lap("embedding_analysis")
         summary.update(index=analysis.index, clusters=analysis.clusters,
                        isolated_suspects=int((data.suspect & (analysis.cluster == -1) & data.has_embedding).sum()))
     return AuditResult(summary, data, analysis, label_code, label_names)

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import fields, replace
 
 import numpy as np
@@ -143,11 +144,16 @@ def cmd_audit(args: argparse.Namespace) -> None:
     given = {name: getattr(args, name) for name in ("k", "min_collapse", "exact_max", "nprobe")}
     config = replace(AuditConfig(), **{name: v for name, v in given.items() if v is not None})
     result = audit(args.parquet, config, labels)
+    start = time.perf_counter()
     out = write_audit(result, args.out)
+    result.summary["seconds"]["write"] = round(time.perf_counter() - start, 2)
     if not args.no_report:
         from .report import write_report
 
+        start = time.perf_counter()
         write_report(result, out, urls or None)
+        result.summary["seconds"]["report"] = round(time.perf_counter() - start, 2)
+    (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
     s = result.summary
     print(json.dumps({"out": str(out), **{k: s[k] for k in ("rows", "kept", "dropped", "error", "suspect")},
                       "index": s.get("index"), "clusters": s.get("clusters", [])[:3]}))
