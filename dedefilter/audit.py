@@ -242,11 +242,11 @@ def neighbours(x: np.ndarray, k: int, config: AuditConfig = AuditConfig()) -> Ne
         index.add(x)
         i, dist = _search(index, x, k)
         return Neighbours(i, dist, "flat", 1.0)
-    nlist = int(4 * math.sqrt(n))
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
     rng = np.random.default_rng(config.seed)
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
     index.cp.seed, index.cp.niter = config.seed, 10
-    index.train(x[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))])  # faiss asks for >= 39 per list
+    index.train(x[np.sort(rng.choice(n, min(n, 40 * nlist), replace=False))])
     index.add(x)
     index.nprobe = config.nprobe
     i, dist = _search(index, x, k)
