@@ -228,7 +228,15 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
 
 def evaluate_and_save(name: str, config: BenchConfig, parts: Path) -> None:
     """Evaluate one attack and save its results at once, so a run cut short keeps what it finished."""
-    (parts / f"{name}.json").write_text(json.dumps(evaluate_attack(name, config, print), indent=1))
+    result = evaluate_attack(name, config, print) | {"device_name": device_name(config.device),
+                                                      "torch": torch.__version__,
+                                                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    (parts / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def device_name(device: str) -> str:
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def _best_baseline(results: dict) -> tuple[str, float]:
@@ -242,8 +250,9 @@ def markdown(report: dict) -> str:
     failed = {name: a for name, a in report["attacks"].items() if a["results"] is None}
     lines = [
         "# Detection benchmark", "",
-        f"`{meta['command']}` on {meta['device_name']} ({meta['date']}, torch {meta['torch']}, "
-        f"{meta['seconds']:.0f} s). Fashion-MNIST (28x28 zero-padded to 32x32, gray repeated to RGB); "
+        f"`{meta['command']}` on {meta['device_name']} ({meta['date']}, torch {meta['torch']}; "
+        f"seconds per attack: {', '.join(f'{s:.0f}' for s in meta['attack_seconds'].values())}). "
+        "Fashion-MNIST (28x28 zero-padded to 32x32, gray repeated to RGB); "
         f"stream per attack: {meta['config']['n_clean']} clean test images + "
         f"{meta['config']['n_triggered_per_class']} triggered test images per non-target class; "
         f"{meta['config']['n_reference']} clean reference images (thresholds at "
@@ -332,10 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
                 evaluate(name)
     attacks = {name: json.loads((parts / f"{name}.json").read_text())
                for name in config.attacks if (parts / f"{name}.json").exists()}
-    device_name = torch.cuda.get_device_name() if config.device.startswith("cuda") else platform.processor() or "cpu"
     report = {"meta": {"command": "python -m benchmarks.detection" + (" --quick" if args.quick else ""),
-                       "config": asdict(config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       "torch": torch.__version__, "device_name": f"{device_name} ({torch.get_num_threads()} threads)",
+                       "config": asdict(config),
+                       "date": ", ".join(sorted({a["date"] for a in attacks.values()})),
+                       "torch": ", ".join(sorted({a["torch"] for a in attacks.values()})),
+                       "device_name": ", ".join(sorted({a["device_name"] for a in attacks.values()})),
                        "seconds": round(time.perf_counter() - start, 1),
                        "attack_seconds": {name: attack["seconds"] for name, attack in attacks.items()}},
               "attacks": attacks}
