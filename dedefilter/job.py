@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import torch
 import webdataset as wds
 from tqdm import tqdm
 
@@ -45,6 +47,16 @@ def ledger(parquet_dir: str | Path) -> dict[str, int]:
     return totals
 
 
+def share_cores(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: split the cores between the workers.
+
+    torch starts every worker with one thread, so one worker would leave all other cores idle while
+    it runs the encoder and the DeDe model.
+    """
+    workers = torch.utils.data.get_worker_info().num_workers
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 def prepare_output(directory: Path, overwrite: bool) -> None:
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
@@ -63,7 +75,8 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
     stage = replace(stage, parquet_dir=str(parquet_dir))
     counters = Counters()
     pipeline = shard_pipeline(urls, DeDeFilter(scorer, threshold, stage, counters))
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+                           worker_init_fn=share_cores if num_workers else None)
     writer = None
     if write_shards:
         prepare_output(shards_dir, overwrite)

@@ -20,7 +20,7 @@ from .model import DeDeModel, patchify
 
 def masked_patch_mse(predicted: torch.Tensor, patches: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Per-sample MSE over the masked patches only (the visible ones are pasted back when scoring)."""
-    masked = torch.ones(patches.shape[:2], dtype=patches.dtype).scatter_(1, visible, 0.0)
+    masked = torch.ones(patches.shape[:2], dtype=patches.dtype, device=patches.device).scatter_(1, visible, 0.0)
     per_patch = (predicted - patches).square().mean(-1)
     return (per_patch * masked).sum(1) / masked.sum(1)
 
