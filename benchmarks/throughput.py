@@ -87,7 +87,7 @@ class Plan:
 
 
 FULL = Plan(samples={"demo": 2048, "resnet18": 512}, growth=(2048, 8192), train_images={"demo": 1024, "resnet18": 512})
-QUICK = Plan(samples={"demo": 1024, "resnet18": 128}, workers=(0, 2), repeats=1, growth=(1024, 4096),
+QUICK = Plan(samples={"demo": 1024, "resnet18": 256}, workers=(0, 2), growth=(1024, 4096),
              train_images={"demo": 512, "resnet18": 256}, train_rounds=2)
 # The GPU machine has 16 cores; decoder training stays a CPU figure (dedefilter trains on the CPU).
 GPU = Plan(samples={"demo": 8192, "resnet18": 8192}, workers=(0, 4), batches=(256,), repeats=1,
@@ -129,7 +129,7 @@ def embedded_batches(batches: Iterable[torch.Tensor], encoder, device: str) -> I
 
 def tensor_batches(samples: Iterable[dict], batch_size: int) -> Iterator[torch.Tensor]:
     """(d)'s loader: one float tensor per sample (torchvision's ToTensor), stacked like default_collate."""
-    tensors = (torch.from_numpy(decode_image(s["png"])).permute(2, 0, 1).float().div(255) for s in samples)
+    tensors = (torch.from_numpy(np.array(decode_image(s["png"]))).permute(2, 0, 1).float().div(255) for s in samples)
     for batch in batched(tensors, batch_size):
         yield torch.stack(batch)
 
