@@ -97,7 +97,7 @@ QUICK = Plan(samples={"demo": 1024, "resnet18": 256}, workers=(0, 2), growth=(10
 GPU = Plan(samples={"demo": 8192, "resnet18": 8192}, workers=(4,), batches=(256,), repeats=1,
            growth=(2048, 8192), growth_workers=0, train_images=None)
 # The GPU plan's shape at sizes a CPU runs in a few minutes: checks the GPU command before device time is spent.
-SMOKE = replace(GPU, samples={"demo": 512, "resnet18": 64}, growth=(256, 512))
+SMOKE = replace(GPU, samples={"demo": 256, "resnet18": 32}, growth=(128, 256))
 PLANS = {"full": FULL, "quick": QUICK, "gpu": GPU, "smoke": SMOKE}
 
 
