@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,16 +106,23 @@ PLANS = {"full": FULL, "quick": QUICK, "gpu": GPU, "smoke": SMOKE}
 
 
 def build_shards(count: int, root: Path) -> list[str]:
-    """``count`` real Fashion-MNIST test images (repeated with new keys past 10,000) as shards of 1,000."""
+    """``count`` real Fashion-MNIST test images (repeated with new keys past 10,000) as WebDataset shards.
+
+    At least 16 equal shards (at most 1,000 samples each): DataLoader workers split the data by shard,
+    so fewer shards than workers would leave workers idle.
+    """
     directory = root / f"shards-{count}"
+    shard_size = min(1000, -(-count // 16))
     done = directory / "done.json"
-    if not done.exists():
+    if not done.exists() or json.loads(done.read_text()).get("shard_size") != shard_size:
+        shutil.rmtree(directory, ignore_errors=True)
         images, labels = fashion_mnist("test")
         for start in range(0, count, 10_000):
             index = np.arange(start, min(count, start + 10_000))
             write_image_shards(directory, images[index % len(images)], [f"s{i:07d}" for i in index],
-                               labels[index % len(images)], prefix=f"part{start // 10_000:03d}")
-        done.write_text(json.dumps({"samples": count, "source": "Fashion-MNIST t10k, repeated with new keys"}))
+                               labels[index % len(images)], shard_size=shard_size, prefix=f"part{start // 10_000:03d}")
+        done.write_text(json.dumps({"samples": count, "shard_size": shard_size,
+                                    "source": "Fashion-MNIST t10k, repeated with new keys"}))
     return sorted(str(p) for p in directory.glob("*.tar"))
 
 
