@@ -8,7 +8,9 @@ the processes that map it, so its sum is the tree's real footprint. Both are rep
 from __future__ import annotations
 
 import os
+import resource
 import threading
+import time
 from dataclasses import dataclass
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -32,6 +34,12 @@ def descendants(pid: int) -> list[int]:
             found += children
             stack += children
     return found
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have exited and been waited for."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def rss_bytes(pid: int) -> int:
@@ -76,6 +84,7 @@ class PeakSampler:
         self.interval_s = interval_s
         self.pid = pid or os.getpid()
         self.peak = TreeMemory(0, 0, 0)
+        self.own_cpu_seconds = 0.0  # the sampler thread's own CPU time, to subtract from the process's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -83,6 +92,7 @@ class PeakSampler:
         while True:
             self.sample()
             if self._stop.wait(self.interval_s):
+                self.own_cpu_seconds = time.thread_time()
                 return
 
     def sample(self) -> None:
