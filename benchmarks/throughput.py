@@ -579,22 +579,23 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(json.dumps(results, indent=2) + "\n")
         (out / "throughput.md").write_text(render(results))
         return
-    results = json.loads(path.read_text()) if path.exists() else {}
     run = {"machine": machine(args.device), "argv": " ".join(sys.argv[1:] if argv is None else argv),
            "plan": asdict(plan)}
+
+    def save(name: str, section: dict | None) -> dict:
+        """Write one finished section (re-reading the file: another step may have written meanwhile)."""
+        merged = (json.loads(path.read_text()) if path.exists() else {}) | {name: section}
+        path.write_text(json.dumps(merged, indent=2) + "\n")
+        (out / "throughput.md").write_text(render(merged))
+        return merged
+
     if args.memory:
-        results["memory"] = run | memory_section(plan, root, args.device, "e" if args.memory_bf16 else "c")
+        results = save("memory", run | memory_section(plan, root, args.device, "e" if args.memory_bf16 else "c"))
     else:
-        results["loader"] = run | loader_section(plan, root, args.device)
-        results["training"] = training_section(plan, root) if args.device == "cpu" else None
-        results["precision"] = precision_section(Path(args.demo_dir)) if args.device == "cpu" else None
-    if args.memory:
-        sections = {"memory": results["memory"]}
-    else:
-        sections = {"loader": results["loader"], "training": results["training"], "precision": results["precision"]}
-    results = (json.loads(path.read_text()) if path.exists() else {}) | sections  # another step may have written
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (out / "throughput.md").write_text(render(results))
+        save("loader", run | loader_section(plan, root, args.device))
+        cpu = args.device == "cpu"
+        save("training", training_section(plan, root) if cpu else None)
+        results = save("precision", precision_section(Path(args.demo_dir)) if cpu else None)
     print(render(results))
 
 
