@@ -283,13 +283,13 @@ def run_precision(config: dict) -> dict:
     for precision in ("fp32", "bf16"):
         start = time.perf_counter()
         scores[precision] = Scorer(encoder, detector, precision=precision).score_array(images, keys)
-        out[precision] = {"auroc": round(auroc(scores[precision], triggered), 4),
+        out[precision] = {"auroc": round(auroc(scores[precision], triggered), 6),
                           "samples_per_s": round(len(images) / (time.perf_counter() - start), 1)}
     relative = np.abs(scores["bf16"] - scores["fp32"]) / scores["fp32"]
     threshold = detector.threshold.value
     out["max_relative_score_difference"] = float(f"{relative.max():.3g}")
     out["decisions_changed_at_fp32_threshold"] = int(((scores["bf16"] > threshold) != (scores["fp32"] > threshold)).sum())
-    out["auroc_equal_to_3_decimals"] = round(out["fp32"]["auroc"], 3) == round(out["bf16"]["auroc"], 3)
+    out["auroc_equal_to_3_decimals"] = f"{out['fp32']['auroc']:.3f}" == f"{out['bf16']['auroc']:.3f}"
     return out
 
 
@@ -553,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-dir", default=".dedefilter-demo",
                         help="the demo's work folder: its cached detector is used for the bf16 AUROC check")
     parser.add_argument("--shards-only", action="store_true", help="build the shards this run needs, then stop")
+    parser.add_argument("--only", choices=["loader", "training", "precision"], help="run one section of a CPU run")
     parser.add_argument("--merge-gpu", metavar="JSON", help="add the loader section of a --device cuda run's "
                         "throughput.json to the results in --out as its GPU section, then stop")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one configuration, run by the driver in a subprocess
@@ -592,10 +593,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory:
         results = save("memory", run | memory_section(plan, root, args.device, "e" if args.memory_bf16 else "c"))
     else:
-        save("loader", run | loader_section(plan, root, args.device))
-        cpu = args.device == "cpu"
-        save("training", training_section(plan, root) if cpu else None)
-        results = save("precision", precision_section(Path(args.demo_dir)) if cpu else None)
+        cpu, only = args.device == "cpu", args.only
+        if only in (None, "loader"):
+            results = save("loader", run | loader_section(plan, root, args.device))
+        if only in (None, "training"):
+            results = save("training", training_section(plan, root) if cpu else None)
+        if only in (None, "precision"):
+            results = save("precision", precision_section(Path(args.demo_dir)) if cpu else None)
     print(render(results))
 
 
