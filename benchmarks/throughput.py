@@ -465,7 +465,7 @@ def describe(run: dict) -> str:
     m = run["machine"]
     return (f"`python -m benchmarks.throughput {run['argv']}` on {m['date']}: {m['device_name']}, "
             f"{m['cores_available']} cores available, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"device {m['device']}, load average at start {m['load_average_at_start']}.")
+            f"device {m['device']}, load average at start {m['load_average_at_start']}")
 
 
 def loader_lines(loaders: dict, title: str) -> list[str]:
@@ -495,7 +495,7 @@ def loader_lines(loaders: dict, title: str) -> list[str]:
 
 def render(results: dict) -> str:
     runs = [results[name] for name in ("loader", "memory") if results.get(name)]
-    lines = ["# Throughput", "", "Written by " + " and by ".join(describe(run) for run in runs),
+    lines = ["# Throughput", "", "Written by " + "; and by ".join(describe(run) for run in runs) + ".",
              ("Each configuration ran in a fresh subprocess; samples/s include DataLoader start-up. "
              "Timing uses a paper-size DeDe model (dim 192, 12 + 4 layers) with its seeded initial weights "
              "(no ResNet-18 detector is trained here; the compute does not depend on the weights) and a "
@@ -533,7 +533,7 @@ def render(results: dict) -> str:
             lines.append(f"| {r['samples']:,} | {r['seconds']:.0f} | {r['samples_per_s']:.0f} | {r['peak_rss_mib']} "
                          f"| {r['peak_pss_mib']} |")
     if results.get("gpu"):
-        lines += ["", "## GPU", "", "Written by " + describe(results["gpu"])]
+        lines += ["", "## GPU", "", "Written by " + describe(results["gpu"]) + "."]
         lines += loader_lines(results["gpu"], "### Loader throughput on the GPU (samples/s) and peak host memory (PSS MiB)")
     return "\n".join(lines) + "\n"
 
@@ -556,6 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=["loader", "training", "precision"], help="run one section of a CPU run")
     parser.add_argument("--merge-gpu", metavar="JSON", help="add the loader section of a --device cuda run's "
                         "throughput.json to the results in --out as its GPU section, then stop")
+    parser.add_argument("--render", action="store_true", help="only rewrite throughput.md from throughput.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one configuration, run by the driver in a subprocess
     args = parser.parse_args(argv)
     if args.one:
@@ -575,8 +576,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "throughput.json"
-    if args.merge_gpu:
-        results = json.loads(path.read_text()) | {"gpu": json.loads(Path(args.merge_gpu).read_text())["loader"]}
+    if args.merge_gpu or args.render:
+        results = json.loads(path.read_text())
+        if args.merge_gpu:
+            results["gpu"] = json.loads(Path(args.merge_gpu).read_text())["loader"]
         path.write_text(json.dumps(results, indent=2) + "\n")
         (out / "throughput.md").write_text(render(results))
         return
