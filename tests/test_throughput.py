@@ -1,4 +1,4 @@
-"""The throughput benchmark's own parts: the official-loop reference, the memory sampler, the harness."""
+"""The throughput benchmark's own parts (official-loop reference, memory sampler, harness) and the speed options it measures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 import webdataset as wds
 from conftest import SMALL
@@ -88,3 +89,19 @@ def test_verdicts_fail_when_the_filter_costs_too_much():
               (("c", 10, 500), ("c", 40, 510), ("d", 10, 500), ("d", 40, 900))]
     holds = [ok for _, _, ok in verdicts({"loader": {"must_show": must, "rows": rows, "growth": growth}})]
     assert holds == [False, True, False, True]
+
+
+def test_bf16_scores_are_close_to_fp32_and_the_same_in_any_batch_layout(encoder, detector, fmnist_test):
+    images, keys = fmnist_test[0][:40], [f"k{i}" for i in range(40)]
+    fp32 = Scorer(encoder, detector).score(images, keys).scores
+    bf16 = Scorer(encoder, detector, precision="bf16")
+    whole = bf16.score(images, keys).scores
+    split = np.concatenate([bf16.score(images[:13], keys[:13]).scores, bf16.score(images[13:], keys[13:]).scores])
+    assert np.array_equal(whole, split)
+    np.testing.assert_allclose(whole, fp32, rtol=0.03)
+    assert not np.array_equal(whole, fp32)
+
+
+def test_scorer_refuses_an_unknown_precision(encoder, detector):
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        Scorer(encoder, detector, precision="fp16")
