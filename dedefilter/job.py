@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import torch
 import webdataset as wds
 from tqdm import tqdm
 
@@ -92,7 +93,7 @@ def duplicate_keys(parquet_dir: str | Path) -> int:
 
 
 def die_with_parent(parent: int, _worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: on Linux a worker is killed with the main process, so no orphan
+    """In a DataLoader worker (Linux): be killed with the main process, so no orphan
     keeps writing a shard while a resumed run redoes it."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -145,6 +146,23 @@ class ShardWork:
         return stats
 
 
+def share_cores(worker_id: int) -> None:
+    """In a DataLoader worker: split the cores between the workers.
+
+    torch starts every worker with one thread, so one worker would leave all other cores idle while
+    it runs the encoder and the DeDe model.
+    """
+    workers = torch.utils.data.get_worker_info().num_workers
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+
+def init_worker(parent: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: die with the main process, and take a fair share of the cores."""
+    die_with_parent(parent, worker_id)
+    share_cores(worker_id)
+
+
 def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None = None,
                   stage: StageConfig = StageConfig(), num_workers: int = 2, write_shards: bool = True,
                   overwrite: bool = False, resume: bool = False, progress: bool = True) -> JobResult:
@@ -170,7 +188,7 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
         pipeline = wds.DataPipeline(partial(iter, tasks), wds.split_by_node, wds.split_by_worker,
                                     ShardWork(dede, layout, write_shards))
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(tasks)),
-                               worker_init_fn=partial(die_with_parent, os.getpid()))
+                               worker_init_fn=partial(init_worker, os.getpid()))
         with tqdm(total=len(urls), initial=len(urls) - len(tasks), desc="filter", unit=" shards",
                   disable=not progress) as bar:
             try:

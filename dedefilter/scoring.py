@@ -21,7 +21,9 @@ from .training import masked_patch_mse
 # The models run on fixed-shape, contiguous chunks: CPU kernels pick different code paths (and float
 # rounding) for other shapes and memory layouts, and a sample's score must be bit-identical whatever
 # batch, worker or order it lands in (tests/test_stage.py). Chunks of 16 are also faster than 256 here.
+# A GPU needs larger chunks to be busy; its scores are reproducible per device and chunk size.
 CHUNK = 16
+CUDA_CHUNK = 256
 
 
 @dataclass
@@ -30,18 +32,28 @@ class ScoredBatch:
     embeddings: np.ndarray  # (B, D) float32
 
 
-def pad_batch(pixels: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, list[str]]:
+def pad_batch(pixels: torch.Tensor, keys: list[str], chunk: int = CHUNK) -> tuple[torch.Tensor, list[str]]:
     """Pad a batch to a whole number of chunks by repeating its last sample."""
-    extra = -len(keys) % CHUNK
+    extra = -len(keys) % chunk
     if extra == 0:
         return pixels, keys
     return torch.cat([pixels, pixels[-1:].expand(extra, -1, -1, -1)]), keys + keys[-1:] * extra
 
 
 class Scorer:
-    """Scores batches of uint8 images (B, S, S, 3) with one encoder and one detector."""
+    """Scores batches of uint8 images (B, S, S, 3) with one encoder and one detector.
 
-    def __init__(self, encoder: Encoder, detector: Detector):
+    ``precision="bf16"`` runs the DeDe model (not the encoder) under bfloat16 autocast: about 2.5x
+    faster on CPUs with native bf16; scores differ from fp32 by bf16 rounding, so calibrate the
+    threshold with the same precision. fp32 is the default.
+
+    With ``device="cuda"`` the encoder and the DeDe model move there at the first batch, not before,
+    so a scorer built in the main process still works in forked DataLoader workers (CUDA cannot be
+    initialised before a fork); scores come back as CPU arrays.
+    """
+
+    def __init__(self, encoder: Encoder, detector: Detector, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
         if encoder.fingerprint != detector.encoder_fingerprint:
             raise CheckpointError(
                 f"detector was trained for encoder {detector.encoder_name!r} ({detector.encoder_fingerprint}), "
@@ -49,6 +61,18 @@ class Scorer:
         self.encoder = encoder
         self.detector = detector
         self.config = detector.config
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+        self.precision = precision
+        self.device = torch.device(device)
+        self.chunk = CUDA_CHUNK if self.device.type == "cuda" else CHUNK
+        self._placed = self.device.type == "cpu"
+
+    def _place(self) -> None:
+        if not self._placed:
+            self.encoder.module.to(self.device)
+            self.detector.model.to(self.device)
+            self._placed = True
 
     def score(self, images: np.ndarray | torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
         """Score uint8 images (B, S, S, 3)."""
@@ -67,14 +91,15 @@ class Scorer:
             raise ValueError(f"images must be (B, 3, {size}, {size}) for this detector, got {tuple(pixels.shape)}")
         if len(keys) != len(pixels):
             raise ValueError(f"{len(pixels)} images but {len(keys)} keys")
-        n = len(keys)
-        pixels, keys = pad_batch(pixels.contiguous(), list(keys))
+        self._place()
+        n, size = len(keys), self.chunk
+        pixels, keys = pad_batch(pixels.contiguous(), list(keys), size)
         embeddings, scores = [], []
-        for i in range(0, len(keys), CHUNK):
-            chunk = pixels[i:i + CHUNK]
+        for i in range(0, len(keys), size):
+            chunk = pixels[i:i + size].to(self.device, non_blocking=True)
             embeddings.append(self.encoder.embed(chunk))
-            scores.append(self.reconstruction_error(chunk, embeddings[-1], keys[i:i + CHUNK]))
-        return ScoredBatch(torch.cat(scores)[:n].numpy(), torch.cat(embeddings)[:n].numpy())
+            scores.append(self.reconstruction_error(chunk, embeddings[-1], keys[i:i + size]))
+        return ScoredBatch(torch.cat(scores)[:n].cpu().numpy(), torch.cat(embeddings)[:n].cpu().numpy())
 
     @torch.inference_mode()
     def reconstruction_error(self, pixels: torch.Tensor, embeddings: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
@@ -82,11 +107,15 @@ class Scorer:
         patches = patchify(pixels, config.patch_size)
         n_visible = config.n_visible(config.score_mask_ratio)
         if n_visible == 0:  # the paper's ratio 0.99 at 64 patches: every mask is empty, one pass suffices
-            visible = torch.empty(len(keys), 0, dtype=torch.long)
-            return masked_patch_mse(self.detector.model(patches, embeddings, visible), patches, visible)
+            visible = torch.empty(len(keys), 0, dtype=torch.long, device=pixels.device)
+            return masked_patch_mse(self._reconstruct(patches, embeddings, visible), patches, visible)
         seeds = key_seeds(keys, config.seed)
-        total = torch.zeros(len(keys))
+        total = torch.zeros(len(keys), device=pixels.device)
         for k in range(config.score_masks):
-            visible = keyed_visible(seeds, config.n_patches, n_visible, k)
-            total += masked_patch_mse(self.detector.model(patches, embeddings, visible), patches, visible)
+            visible = keyed_visible(seeds, config.n_patches, n_visible, k).to(pixels.device)
+            total += masked_patch_mse(self._reconstruct(patches, embeddings, visible), patches, visible)
         return total / config.score_masks
+
+    def _reconstruct(self, patches: torch.Tensor, embeddings: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.detector.model(patches, embeddings, visible).float()

@@ -1,0 +1,107 @@
+"""The throughput benchmark's own parts (official-loop reference, memory sampler, harness) and the speed options it measures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from conftest import SMALL
+
+from benchmarks.official_loop import official_errors, shuffled_visible, unpatchify
+from benchmarks.procmem import PeakSampler
+from benchmarks.throughput import run_loader, verdicts
+from dedefilter import Detector, Scorer
+from dedefilter.encoders import to_float
+from dedefilter.job import share_cores
+from dedefilter.masking import key_seeds, keyed_visible
+from dedefilter.model import DeDeModel, patchify
+
+
+def test_unpatchify_inverts_patchify(fmnist_test):
+    pixels = to_float(fmnist_test[0][:4])
+    assert torch.equal(unpatchify(patchify(pixels, 4), 4, 32), pixels)
+
+
+def test_official_loop_error_is_the_scorer_score_times_the_masked_pixel_count(scorer, fmnist_test):
+    images, keys = fmnist_test[0][:48], [f"k{i}" for i in range(48)]
+    ours = scorer.score(images, keys).scores
+    batches = [to_float(images[i:i + 16]) for i in range(0, 48, 16)]
+    errors, grids = official_errors(batches, scorer.encoder.embed, scorer.detector.model, scorer.config)
+    masked_pixels = 3 * 4 * 4 * scorer.config.n_patches  # the paper's scoring ratio shows no patch
+    np.testing.assert_allclose(np.array(errors) / masked_pixels, ours, rtol=1e-5)
+    assert len(grids) == 3 and grids[0].shape == (3 * 16, 3, 32, 32)  # every reconstruction kept
+
+
+def test_official_loop_with_the_same_masks_matches_keyed_scoring(encoder, fmnist_test):
+    config = replace(SMALL, score_mask_ratio=0.9)  # 6 visible patches of 64
+    torch.manual_seed(0)
+    detector = Detector(DeDeModel(config, encoder.embed_dim).eval(), encoder.name, encoder.fingerprint)
+    images, keys = fmnist_test[0][:16], [f"k{i}" for i in range(16)]
+    ours = Scorer(encoder, detector).score(images, keys).scores
+    n_visible = config.n_visible(config.score_mask_ratio)
+    masks = keyed_visible(key_seeds(keys, config.seed), config.n_patches, n_visible)
+    errors, _ = official_errors([to_float(images)], encoder.embed, detector.model, config, visible=lambda _: masks)
+    np.testing.assert_allclose(np.array(errors) / (48 * (config.n_patches - n_visible)), ours, rtol=1e-5)
+
+
+def test_official_masks_are_random_per_sample_and_per_run():
+    np.random.seed(0)
+    first, second = shuffled_visible(8, 64, 6), shuffled_visible(8, 64, 6)
+    assert first.shape == (8, 6)
+    assert len({tuple(row) for row in first.tolist()}) == 8
+    assert not torch.equal(first, second)
+
+
+def test_peak_sampler_counts_a_child_process():
+    child = "import time; block = bytearray(200 * 2**20); time.sleep(1.0)"
+    with PeakSampler(interval_s=0.02) as sampler:
+        subprocess.run([sys.executable, "-c", child], check=True)
+    assert sampler.peak.processes >= 2
+    assert sampler.peak.rss >= 200 * 2**20 and sampler.peak.pss >= 200 * 2**20
+
+
+def test_one_worker_gets_every_core():
+    loader = wds.WebLoader(wds.DataPipeline(lambda: iter([0]), wds.map(lambda _: torch.get_num_threads())),
+                           batch_size=None, num_workers=1, worker_init_fn=share_cores)
+    assert list(loader) == [len(os.sched_getaffinity(0))]
+
+
+def test_filter_and_official_loop_count_every_sample(shards):
+    common = {"encoder": "demo", "workers": 0, "batch": 64, "device": "cpu", "urls": shards}
+    for mode in ("c", "d"):
+        result = run_loader(common | {"mode": mode})
+        assert result["samples"] == 300
+        assert result["peak_pss_mib"] > 0
+
+
+def test_verdicts_fail_when_the_filter_costs_too_much():
+    must = {"encoder": "resnet18", "workers": 2, "batch": 256, "c_over_b_rounds": [1.5, 1.4, 1.6],
+            "c_over_b_median": 1.5, "e_over_b_rounds": [1.1, 1.2, 1.0], "e_over_b_median": 1.1}
+    row = {"encoder": "resnet18", "workers": 2, "batch": 256, "samples": 100}
+    rows = [row | {"mode": "c", "seconds": 10.0}, row | {"mode": "d", "seconds": 8.0}]
+    growth = [{"mode": m, "samples": n, "peak_pss_mib": p} for m, n, p in
+              (("c", 10, 500), ("c", 40, 510), ("d", 10, 500), ("d", 40, 900))]
+    holds = [ok for _, _, ok in verdicts({"loader": {"must_show": must, "rows": rows, "growth": growth}})]
+    assert holds == [False, True, False, True]
+
+
+def test_bf16_scores_are_close_to_fp32_and_the_same_in_any_batch_layout(encoder, detector, fmnist_test):
+    images, keys = fmnist_test[0][:40], [f"k{i}" for i in range(40)]
+    fp32 = Scorer(encoder, detector).score(images, keys).scores
+    bf16 = Scorer(encoder, detector, precision="bf16")
+    whole = bf16.score(images, keys).scores
+    split = np.concatenate([bf16.score(images[:13], keys[:13]).scores, bf16.score(images[13:], keys[13:]).scores])
+    assert np.array_equal(whole, split)
+    np.testing.assert_allclose(whole, fp32, rtol=0.03)
+    assert not np.array_equal(whole, fp32)
+
+
+def test_scorer_refuses_an_unknown_precision(encoder, detector):
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        Scorer(encoder, detector, precision="fp16")
