@@ -90,6 +90,9 @@ ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in [
                badencoder=replace(_DRUPE, target_class=TROUSER, effectiveness_weight=0.1)),
     AttackSpec("badencoder-small-tshirt", "badencoder", SMALL_TRIGGER, T_SHIRT,
                "BadEncoder, 4x4 checkerboard patch (small trigger)", badencoder=_BADENCODER),
+    AttackSpec("badencoder-ctrl-tshirt", "badencoder", CTRLTrigger(), T_SHIRT,
+               "BadEncoder with CTRL's frequency trigger (luma DCT, max 5 grey levels): the frequency trigger "
+               "injected by encoder fine-tuning, since data poisoning did not take here", badencoder=_BADENCODER),
     AttackSpec("sslpoison-patch-tshirt", "ssl-poison", PatchTrigger(), T_SHIRT,
                "SimCLR data poisoning: 5% of pretraining images are T-shirts with the patch; "
                "continued pretraining of fmnist-simclr on train[:10000]", simclr=_SSL_CONTINUED,
