@@ -72,7 +72,7 @@ SMALL_TRIGGER = PatchTrigger(size=4, cell=1)  # a 4x4 pixel checkerboard: the ca
 _BADENCODER = BadEncoderConfig(target_class=T_SHIRT)  # the bundled attack's recipe, aimed at T-shirt
 _DRUPE = replace(_BADENCODER, distribution_weight=1.0)
 _SSL_CONTINUED = SimCLRConfig(epochs=2, lr=3e-4)
-_SSL_SCRATCH = SimCLRConfig(epochs=40)
+_SSL_SCRATCH = SimCLRConfig(epochs=50, batch_size=512)  # GPU: larger batches, fewer launches
 
 ATTACKS: dict[str, AttackSpec] = {spec.name: spec for spec in [
     AttackSpec("badencoder-patch-trouser", "bundled", PatchTrigger(), TROUSER,
