@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,8 @@ def decode_image(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
             image.draft("RGB", (size, size))
             rgb = image.convert("RGB")
     except Exception as err:  # any decoder failure is a property of the sample, not of the run
-        raise ValueError(f"undecodable image: {type(err).__name__}: {err}") from err
+        reason = re.sub(r" at 0x[0-9a-f]+", "", str(err))  # PIL names the stream object: same sample, same reason
+        raise ValueError(f"undecodable image: {type(err).__name__}: {reason}") from err
     if rgb.size != (size, size):
         rgb = ImageOps.fit(rgb, (size, size), Image.BILINEAR)
     return np.asarray(rgb)

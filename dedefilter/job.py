@@ -50,7 +50,7 @@ def prepare_output(directory: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{directory} is not empty: choose another --out or pass --overwrite")
         shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
 
 
 def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None = None,
