@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 
 from .calibration import Threshold
 from .job import ledger, prepare_output
@@ -42,7 +43,9 @@ class ScoreBatches:
     Built once per actor, so the encoder and the DeDe model load once and stay resident.
     """
 
-    def __init__(self, scorer: Scorer, threshold: Threshold | None, stage: StageConfig, keep_samples: bool):
+    def __init__(self, scorer: Scorer, threshold: Threshold | None, stage: StageConfig, keep_samples: bool,
+                 threads: int):
+        torch.set_num_threads(threads)  # as many as the CPUs the actor reserved: actors must not oversubscribe
         self.filter = DeDeFilter(scorer, threshold, stage)
         self.keep_samples = keep_samples
         self.metadata = {"dedefilter": json.dumps(self.filter.metadata(), sort_keys=True)}
@@ -78,6 +81,7 @@ class RayResult:
     shard_paths: list[str]
     seconds: float
     ledger: dict[str, int]  # rows per status read back from Parquet
+    stats: str  # Ray Data's execution summary (per-operator wall and CPU time)
 
     @property
     def samples_per_s(self) -> float:
@@ -89,7 +93,7 @@ def filter_shards_ray(urls: list[str], scorer: Scorer, out_dir: str | Path, thre
                       gpus_per_actor: float = 0, write_shards: bool = True, overwrite: bool = False) -> RayResult:
     """Filter ``urls`` on the connected Ray cluster (``ray.init()`` first, or Ray starts a local one).
 
-    Writes ``out_dir/parquet`` (one file per Ray output block) and, with ``write_shards``, the kept
+    Writes ``out_dir/parquet`` (files of at least ``stage.row_group_size`` rows) and, with ``write_shards``, the kept
     samples to ``out_dir/shards``; ``actors`` scorer actors, each holding one copy of the models. The
     read tasks need CPUs too: keep ``actors * cpus_per_actor`` below the cluster's CPUs, or nothing is read.
     """
@@ -103,7 +107,8 @@ def filter_shards_ray(urls: list[str], scorer: Scorer, out_dir: str | Path, thre
     samples = ray.data.read_webdataset(urls, decoder=None)
     scored = samples.map_batches(
         ScoreBatches, fn_constructor_kwargs={"scorer": scorer, "threshold": threshold, "stage": stage,
-                                             "keep_samples": write_shards},
+                                             "keep_samples": write_shards,
+                                             "threads": max(1, int(cpus_per_actor))},
         batch_size=stage.batch_size, batch_format="pyarrow", num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=actors))
     row_columns = schema(scorer.encoder.embed_dim if stage.store_embeddings else None).names
@@ -111,7 +116,7 @@ def filter_shards_ray(urls: list[str], scorer: Scorer, out_dir: str | Path, thre
         scored = scored.materialize()  # score once, write twice
         scored.map_batches(kept_samples, batch_format="pyarrow").write_webdataset(str(shards_dir), encoder=None)
         scored = scored.select_columns(row_columns)
-    scored.write_parquet(str(parquet_dir))
+    scored.write_parquet(str(parquet_dir), min_rows_per_file=stage.row_group_size)  # not a file per block
     seconds = time.perf_counter() - start
     shard_paths = sorted(str(p) for p in shards_dir.glob("*.tar")) if write_shards else []
-    return RayResult(parquet_dir, shard_paths, seconds, ledger(parquet_dir))
+    return RayResult(parquet_dir, shard_paths, seconds, ledger(parquet_dir), scored.stats())
