@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--backend", default="gloo", help="process group backend (the ledger is summed on a gloo group)")
+    parser.add_argument("--embeddings", action="store_true", help="store embeddings for audits")
     parser.add_argument("--no-shards", action="store_true", help="Parquet scores only")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -39,7 +40,7 @@ def main() -> int:
     try:
         encoder = load_encoder(args.encoder)
         scorer = Scorer(encoder, Detector.load(args.detector, encoder.fingerprint))
-        result = filter_shards_distributed(urls, scorer, args.out, stage=StageConfig(batch_size=args.batch_size),
+        result = filter_shards_distributed(urls, scorer, args.out, stage=StageConfig(batch_size=args.batch_size, store_embeddings=args.embeddings),
                                            num_workers=args.workers, write_shards=not args.no_shards,
                                            overwrite=args.overwrite)
     finally:

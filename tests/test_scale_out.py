@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pytest
 import webdataset as wds
 
-from dedefilter import filter_shards
+from dedefilter import StageConfig, filter_shards
 from dedefilter.distributed import parquet_dataset
 from dedefilter.shards import write_image_shards
 from dedefilter.sink import schema
@@ -42,14 +42,15 @@ def inputs(tmp_path_factory, shard_data):
 
 @pytest.fixture(scope="module")
 def local_rows(tmp_path_factory, scorer, inputs):
-    """The local job's score table, which every engine must reproduce row for row."""
-    result = filter_shards(inputs, scorer, tmp_path_factory.mktemp("local"), num_workers=0, progress=False)
+    """The local job's score table with embeddings, which every engine must reproduce row for row."""
+    result = filter_shards(inputs, scorer, tmp_path_factory.mktemp("local"), stage=StageConfig(store_embeddings=True),
+                           num_workers=0, progress=False)
     rows = sorted_rows(ds.dataset(str(result.parquet_dir), format="parquet"))
     assert len(rows) == 302 and result.ledger["error"] == 2
     return rows
 
 
-def test_ray_run_matches_the_local_run(tmp_path, detector, inputs, local_rows):
+def test_ray_run_matches_the_local_run(tmp_path, encoder, detector, inputs, local_rows):
     ray = pytest.importorskip("ray", reason="the Ray engine needs ray: pip install 'dedefilter[ray]'")
     from dedefilter.cli import main
 
@@ -58,12 +59,12 @@ def test_ray_run_matches_the_local_run(tmp_path, detector, inputs, local_rows):
     try:  # 2 actors of half a CPU each leave a CPU for Ray's read tasks
         code = main(["filter", *inputs, "--encoder", "fmnist-badencoder", "--detector", str(tmp_path / "det.pt"),
                      "--out", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2", "--cpus-per-actor", "0.5",
-                     "--batch-size", "64"])
+                     "--batch-size", "64", "--embeddings"])
     finally:
         ray.shutdown()
     assert code == 0
     parquet = ds.dataset(str(tmp_path / "ray" / "parquet"), format="parquet")
-    assert parquet.schema.remove_metadata() == schema()  # plain Arrow types, no Ray extension types
+    assert parquet.schema.remove_metadata() == schema(encoder.embed_dim)  # plain Arrow types: no Ray tensor type
     assert sorted_rows(parquet) == local_rows
     errors = {row["key"]: row["reason"] for row in local_rows if row["status"] == "error"}
     assert "undecodable image" in errors["not-an-image"] and "no image field" in errors["no-image"]
@@ -76,7 +77,7 @@ def test_two_torch_processes_match_the_local_run(tmp_path, detector, inputs, loc
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(REPO / "pipelines" / "torch_distributed_filter.py"), *inputs, "--encoder", "fmnist-badencoder",
                "--detector", str(tmp_path / "det.pt"), "--out", str(tmp_path / "dist"), "--batch-size", "64",
-               "--workers", "1"]
+               "--workers", "1", "--embeddings"]
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                         "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
