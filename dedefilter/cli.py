@@ -18,6 +18,7 @@ from .config import DeDeConfig
 from .data import DataUnavailable, fashion_mnist, photo_patches
 from .detector import CheckpointError, Detector
 from .encoders import load_encoder
+from .job import JobInterrupted
 
 
 def image_source(spec: str, count: int, seed: int) -> np.ndarray:
@@ -31,6 +32,27 @@ def image_source(spec: str, count: int, seed: int) -> np.ndarray:
     from .shards import decode_shards
 
     return decode_shards(spec.split(","), limit=count)
+
+
+def count(minimum: int):
+    """argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its message
+    return parse
+
+
+def finite(text: str) -> float:
+    """argparse type: a finite float (NaN would silently keep or drop everything)."""
+    value = float(text)
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,14 +128,22 @@ def cmd_filter(args: argparse.Namespace) -> int:
     urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
     stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate, store_embeddings=args.embeddings)
     if args.engine == "ray":
+        if args.resume:
+            raise ValueError("--resume is for the local engine; on Ray, run pipelines/ray_filter.py with "
+                             "--slice-shards (docs/SCALE.md)")
         return filter_on_ray(urls, Scorer(encoder, detector), threshold, stage, args)
-    result = filter_shards(urls, Scorer(encoder, detector), args.out, threshold, stage,
-                           num_workers=args.workers, write_shards=not args.no_shards, overwrite=args.overwrite)
+    result = filter_shards(urls, Scorer(encoder, detector), args.out, threshold, stage, num_workers=args.workers,
+                           write_shards=not args.no_shards, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
-                      **result.ledger, "samples_per_s": round(result.samples_per_s, 1)}))
+                      "samples": result.markers["samples"], **result.ledger, "shards": result.shards,
+                      "resumed_shards": result.resumed, "duplicate_keys": result.duplicate_keys,
+                      "samples_per_s": round(result.samples_per_s, 1)}))
+    if result.duplicate_keys:
+        print(f"dedefilter filter: warning: {result.duplicate_keys} keys were scored in more than one shard",
+              file=sys.stderr)
     if not result.balanced:
-        print(f"dedefilter filter: error: ledger does not balance: workers counted {result.live_counts}, "
-              f"Parquet holds {result.ledger}", file=sys.stderr)
+        print(f"dedefilter filter: error: ledger does not balance: shard stats say {result.markers}, Parquet holds "
+              f"{result.ledger}; unfinished shards: {result.unfinished[:5]}", file=sys.stderr)
         return 1
     return 0
 
@@ -182,19 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", required=True)
     p.add_argument("--detector", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=float, help="override the detector's stored threshold")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (local engine)")
+    p.add_argument("--threshold", type=finite, help="override the detector's stored threshold")
+    p.add_argument("--workers", type=count(0), default=2, help="DataLoader workers (local engine)")
+    p.add_argument("--batch-size", type=count(1), default=256)
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: DataLoader workers here; ray: Ray Data scorer actors (needs dedefilter[ray])")
-    p.add_argument("--actors", type=int, default=2, help="scorer actors (ray engine)")
+    p.add_argument("--actors", type=count(1), default=2, help="scorer actors (ray engine)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0,
                    help="CPUs each actor reserves (ray engine); leave some for the read tasks")
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--annotate", action="store_true", help="pass suspects on (flagged) instead of dropping them")
     p.add_argument("--no-shards", action="store_true", help="write Parquet scores only")
     p.add_argument("--embeddings", action="store_true",
                    help="store each sample's encoder embedding in Parquet (for `dedefilter audit`)")
-    p.add_argument("--overwrite", action="store_true")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="delete what --out holds and start over")
+    again.add_argument("--resume", action="store_true",
+                       help="finish an interrupted run: keep the shards it finished, redo the rest")
     p.set_defaults(run=cmd_filter)
 
     p = sub.add_parser("demo", help="end-to-end demo on Fashion-MNIST with the bundled backdoored encoder")
@@ -210,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (CheckpointError, DataUnavailable, FileNotFoundError, FileExistsError, ImportError, ValueError) as err:
+    except JobInterrupted as err:
+        print(f"dedefilter {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except (CheckpointError, DataUnavailable, ImportError, OSError, ValueError) as err:
         print(f"dedefilter {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The Debian package's location; DEDEFILTER_FASHION_MNIST points elsewhere (e.g. a copy on a GPU machine).
+FASHION_MNIST_DIR = Path(os.environ.get("DEDEFILTER_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_SIZE = 32
+# Images are checked against this before decoding: a small PNG can declare 100000 x 100000 pixels and
+# would need tens of GB once decoded (a decompression bomb). 8192 x 8192 RGB is ~200 MB.
+MAX_PIXELS = 8192 * 8192
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class DataUnavailable(RuntimeError):
@@ -73,6 +80,8 @@ def load_photo(name: str) -> np.ndarray:
         raise DataUnavailable(
             f"photo {name!r} needs its package: pip install 'dedefilter[photos]' ({err})"
         ) from err
+    except OSError as err:  # a package version that fetches this photo instead of shipping it, offline
+        raise DataUnavailable(f"photo {name!r} is not in the installed package ({err})") from err
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
@@ -107,17 +116,29 @@ def photo_patches(count: int, seed: int = 0, names: list[str] | None = None) -> 
     return patches
 
 
-def decode_image(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
+def decode_image(data: bytes, size: int = IMAGE_SIZE, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> (size, size, 3) uint8: RGB, shorter side resized, centre-cropped.
 
     Images already at the target size pass without interpolation, so a 32x32 shard decodes exactly.
-    Raises ValueError with the reason when the bytes are not a readable image: the bytes are untrusted,
-    and PIL's decoders raise many exception types on malformed input.
+    Grayscale, palette and RGBA (alpha dropped) become RGB; 16-bit grayscale is scaled to 8 bits (PIL
+    would clip it). Raises ValueError with the reason when the bytes are not a readable image or declare
+    more than ``max_pixels`` pixels (checked from the header, before any pixel is decoded): the bytes are
+    untrusted, and PIL's decoders raise many exception types on malformed input.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (size, size))
-            rgb = image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > max_pixels:
+                    raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels")
+                image.draft("RGB", (size, size))
+                if image.mode in SIXTEEN_BIT_MODES:
+                    rgb = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)).convert("RGB")
+                else:
+                    rgb = image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"image too large to decode ({err}; the limit is {max_pixels} pixels, "
+                         "a guard against decompression bombs)") from err
     except Exception as err:  # any decoder failure is a property of the sample, not of the run
         reason = re.sub(r" at 0x[0-9a-f]+", "", str(err))  # PIL names the stream object: same sample, same reason
         raise ValueError(f"undecodable image: {type(err).__name__}: {reason}") from err

@@ -3,8 +3,9 @@
 Each rank runs the local job (:func:`dedefilter.job.filter_shards`) on its share of the shards:
 ``wds.split_by_node`` gives rank r the shards r, r + world, r + 2 world, ... (``RANK``/``WORLD_SIZE``,
 as ``torchrun`` sets them) and ``split_by_worker`` splits those over its DataLoader workers. Every rank
-writes into its own ``out_dir/rank-NNNNN/`` (Parquet parts, filtered shards), so ranks never touch one
-another's files, and the ledgers are summed over the process group with one all-reduce.
+writes into its own ``out_dir/rank-NNNNN/`` (Parquet parts, filtered shards, per-shard stats files), so
+ranks never touch one another's files; the ledgers are summed over the process group with one
+all-reduce. ``resume`` works per rank, so resume with the same shards and the same world size.
 """
 
 from __future__ import annotations
@@ -19,23 +20,29 @@ from webdataset.utils import pytorch_worker_info
 
 from .calibration import Threshold
 from .job import JobResult, filter_shards
+from .markers import STATUSES
 from .scoring import Scorer
 from .stage import StageConfig
 
-STATUSES = ("kept", "dropped", "error")
+MARKER_FIELDS = ("samples", *STATUSES, "rows")
 
 
 @dataclass
 class RankResult:
     rank: int
     world_size: int
-    job: JobResult  # this rank's own run
+    job: JobResult  # this rank's own run (its ``unfinished`` lists the other ranks' shards too)
+    shards: int
+    finished_shards: int  # shards with a valid stats file, summed over all ranks
     ledger: dict[str, int]  # Parquet rows per status, summed over all ranks
-    live_counts: dict[str, int]  # what the workers of all ranks counted while running
+    markers: dict[str, int]  # the shards' stats files, summed over all ranks
 
     @property
     def balanced(self) -> bool:
-        return self.ledger == self.live_counts
+        """Every shard finished on some rank, and samples in = kept + dropped + error = Parquet rows."""
+        stats = self.markers
+        return (self.finished_shards == self.shards and stats["samples"] == stats["rows"] == sum(self.ledger.values())
+                and all(stats[name] == self.ledger[name] for name in STATUSES))
 
 
 def rank_dir(out_dir: str | Path, rank: int) -> Path:
@@ -49,8 +56,8 @@ def parquet_dataset(out_dir: str | Path) -> ds.Dataset:
 
 def filter_shards_distributed(urls: list[str], scorer: Scorer, out_dir: str | Path,
                               threshold: Threshold | None = None, stage: StageConfig = StageConfig(),
-                              num_workers: int = 2, write_shards: bool = True, shard_size: int = 10_000,
-                              overwrite: bool = False) -> RankResult:
+                              num_workers: int = 2, write_shards: bool = True, overwrite: bool = False,
+                              resume: bool = False) -> RankResult:
     """This rank's share of a multi-process filter job; call it on every rank with the same arguments.
 
     Needs ``RANK``/``WORLD_SIZE`` in the environment (``torchrun`` sets them) so that DataLoader workers
@@ -61,10 +68,11 @@ def filter_shards_distributed(urls: list[str], scorer: Scorer, out_dir: str | Pa
         raise RuntimeError(f"WORLD_SIZE is {world_size} but torch.distributed is not initialised: "
                            "call torch.distributed.init_process_group first")
     job = filter_shards(urls, scorer, rank_dir(out_dir, rank), threshold, stage, num_workers, write_shards,
-                        shard_size, overwrite, progress=False)
-    counts = torch.tensor([job.ledger[s] for s in STATUSES] + [job.live_counts[s] for s in STATUSES])
+                        overwrite, resume, progress=False)
+    finished = len(urls) - len(job.unfinished)  # this rank's: the others' shards never finish in its directory
+    counts = torch.tensor([finished] + [job.ledger[s] for s in STATUSES] + [job.markers[s] for s in MARKER_FIELDS])
     if dist.is_initialized():  # counts live on the CPU: NCCL jobs sum them over a gloo group
         dist.all_reduce(counts, group=None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
     totals = counts.tolist()
-    return RankResult(rank, world_size, job, dict(zip(STATUSES, totals[:3], strict=True)),
-                      dict(zip(STATUSES, totals[3:], strict=True)))
+    return RankResult(rank, world_size, job, len(urls), totals[0], dict(zip(STATUSES, totals[1:4], strict=True)),
+                      dict(zip(MARKER_FIELDS, totals[4:], strict=True)))

@@ -214,6 +214,8 @@ def _load_factory(spec: str) -> Encoder:
     return build_encoder(module, spec)
 
 
-def embed_array(encoder: Encoder, images: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    """Embed a uint8 (N, H, W, 3) array in batches: the embedding cache that decoder training reuses."""
-    return torch.cat([encoder.embed(to_float(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+def embed_array(encoder: Encoder, images: np.ndarray, batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
+    """Embed a uint8 (N, H, W, 3) array in batches: the embedding cache that decoder training reuses.
+    ``device`` is where the encoder's module lives (the result stays there)."""
+    return torch.cat([encoder.embed(to_float(images[i:i + batch_size]).to(device))
+                      for i in range(0, len(images), batch_size)])

@@ -1,97 +1,196 @@
-"""The filter job: WebDataset shards in, filtered shards and Parquet scores out, with DataLoader workers."""
+"""The filter job: WebDataset shards in, filtered shards and Parquet scores out, with DataLoader workers.
+
+The input shard is the unit of work (:mod:`dedefilter.markers`): a worker reads one shard through the
+DeDe stage, publishes its Parquet part and filtered tar, and writes its stats file last. The ledger
+sums the stats files (samples in = kept + dropped + error) and checks them against the Parquet rows;
+``resume=True`` redoes only the shards without a stats file.
+"""
 
 from __future__ import annotations
 
-import shutil
+import ctypes
+import os
+import signal
+import sys
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import webdataset as wds
 from tqdm import tqdm
 
 from .calibration import Threshold
+from .markers import (
+    JOB_FORMAT,
+    STATUSES,
+    Layout,
+    clear_shard,
+    clear_temps,
+    hidden_temp,
+    part_counts,
+    prepare,
+    summed,
+    valid_marker,
+    write_json_atomically,
+)
 from .scoring import Scorer
-from .shards import shard_pipeline
-from .stage import Counters, DeDeFilter, StageConfig
+from .shards import read_shard
+from .stage import Counters, DeDeFilter, StageConfig, batched
+
+PR_SET_PDEATHSIG = 1
+
+
+class JobInterrupted(RuntimeError):
+    """A worker died mid-run (killed, out of memory): the finished shards stay for a resumed run."""
 
 
 @dataclass
 class JobResult:
     parquet_dir: Path
     shard_paths: list[str]
-    yielded: int
+    yielded: int  # samples passed on into the filtered shards, over all finished shards
     seconds: float
     ledger: dict[str, int]  # rows per status read back from Parquet
-    live_counts: dict[str, int]  # the same, counted by the workers while running
+    live_counts: dict[str, int]  # rows per status counted by the workers during this run
+    markers: dict[str, int]  # the shards' stats files summed: samples, kept, dropped, error, rows, passed_on
+    shards: int
+    resumed: int  # shards an earlier run had finished, skipped
+    unfinished: list[str]  # urls of shards without a valid stats file after the run
+    duplicate_keys: int  # keys scored in more than one shard (repeats within a shard are error rows)
 
     @property
     def balanced(self) -> bool:
-        """Every sample the workers saw has exactly one Parquet row with the same decision."""
-        return self.ledger == self.live_counts
+        """Every shard finished, and samples in = kept + dropped + error = Parquet rows, status by status."""
+        stats = self.markers
+        return (not self.unfinished and stats["samples"] == stats["rows"] == sum(self.ledger.values())
+                and all(stats[name] == self.ledger[name] for name in STATUSES))
 
     @property
     def samples_per_s(self) -> float:
-        return sum(self.ledger.values()) / self.seconds if self.seconds else 0.0
+        return sum(self.live_counts.values()) / self.seconds if self.seconds else 0.0
 
 
 def ledger(parquet_dir: str | Path) -> dict[str, int]:
     """Rows per status (kept / dropped / error) over all published part files."""
     table = ds.dataset(str(parquet_dir), format="parquet").to_table(columns=["status"])
     counts = table.group_by("status").aggregate([("status", "count")]).to_pylist()
-    totals = {"kept": 0, "dropped": 0, "error": 0}
+    totals = dict.fromkeys(STATUSES, 0)
     totals.update({row["status"]: row["status_count"] for row in counts})
     return totals
 
 
-def prepare_output(directory: Path, overwrite: bool) -> None:
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{directory} is not empty: choose another --out or pass --overwrite")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def duplicate_keys(parquet_dir: str | Path) -> int:
+    """Keys scored (kept or dropped) in more than one row: the same key in several shards."""
+    table = ds.dataset(str(parquet_dir), format="parquet").to_table(columns=["key"],
+                                                                    filter=pc.field("status") != "error")
+    counts = table.group_by("key").aggregate([("key", "count")])["key_count"]
+    return int(pc.sum(pc.greater(counts, 1)).as_py() or 0)
+
+
+def die_with_parent(parent: int, _worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: on Linux a worker is killed with the main process, so no orphan
+    keeps writing a shard while a resumed run redoes it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
+
+
+class ShardWork:
+    """The work of one DataLoader worker: ``{"index", "url"}`` tasks in, one stats dict per finished shard out."""
+
+    def __init__(self, stage: DeDeFilter, layout: Layout, write_shards: bool):
+        self.stage = stage
+        self.layout = layout
+        self.write_shards = write_shards
+
+    def __call__(self, tasks: Iterable[dict]) -> Iterator[dict]:
+        for task in tasks:
+            yield self.filter_shard(task["index"], task["url"])
+
+    def filter_shard(self, index: int, url: str) -> dict:
+        """Filter one input shard into its part file and filtered tar, then write its stats file (last)."""
+        start = time.perf_counter()
+        config, layout = self.stage.config, self.layout
+        internal = {config.score_field, config.suspect_field}
+        read = 0
+
+        def counted(samples: Iterable[dict]) -> Iterator[dict]:
+            nonlocal read
+            for sample in samples:
+                read += 1
+                yield sample
+
+        sink = self.stage._open_sink(layout.part_name(index))
+        temp_tar = hidden_temp(layout.tar(index))
+        writer = wds.TarWriter(str(temp_tar)) if self.write_shards else None
+        passed = 0
+        for batch in batched(counted(read_shard(url)), config.batch_size):
+            for sample in self.stage._filter(batch, sink):
+                passed += 1
+                if writer is not None:
+                    writer.write({k: v for k, v in sample.items()
+                                  if k == "__key__" or not (k.startswith("__") or k in internal)})
+        if writer is not None:
+            writer.close()
+            os.replace(temp_tar, layout.tar(index))
+        sink.close()
+        stats = {"url": url, "index": index, "samples": read, "rows": sink.rows, "passed_on": passed,
+                 **part_counts(layout.part(index)), "seconds": round(time.perf_counter() - start, 3)}
+        write_json_atomically(layout.marker(index), stats)
+        return stats
 
 
 def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None = None,
                   stage: StageConfig = StageConfig(), num_workers: int = 2, write_shards: bool = True,
-                  shard_size: int = 10_000, overwrite: bool = False, progress: bool = True) -> JobResult:
-    """Stream ``urls`` through the DeDe stage; write ``out_dir/parquet`` and ``out_dir/shards``."""
-    out_dir = Path(out_dir)
-    parquet_dir, shards_dir = out_dir / "parquet", out_dir / "shards"
-    prepare_output(parquet_dir, overwrite)
-    stage = replace(stage, parquet_dir=str(parquet_dir))
+                  overwrite: bool = False, resume: bool = False, progress: bool = True) -> JobResult:
+    """Stream ``urls`` through the DeDe stage; write ``out_dir/{parquet,shards,stats}`` one input shard at a time.
+
+    ``resume``: keep the shards an interrupted run of the same job finished (their stats files exist)
+    and redo the rest, so the output ends as if the run had never stopped.
+    """
+    layout = Layout(Path(out_dir))
+    stage = replace(stage, parquet_dir=str(layout.parquet))
     counters = Counters()
-    pipeline = shard_pipeline(urls, DeDeFilter(scorer, threshold, stage, counters))
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
-    writer = None
-    if write_shards:
-        prepare_output(shards_dir, overwrite)
-        writer = wds.ShardWriter(str(shards_dir / "filtered-%06d.tar"), maxcount=shard_size, verbose=0)
-    internal = {stage.score_field, stage.suspect_field}
-    yielded, start = 0, time.perf_counter()
-    with tqdm(desc="filter", unit=" samples", disable=not progress, smoothing=0.1) as bar:
-
-        def refresh() -> None:
-            totals = counters.snapshot()
-            bar.set_postfix(totals, refresh=False)
-            bar.update(sum(totals.values()) - bar.n)
-
-        for sample in loader:
-            yielded += 1
-            if writer is not None:
-                writer.write({k: v for k, v in sample.items()
-                              if k == "__key__" or not (k.startswith("__") or k in internal)})
-            if yielded % 256 == 0:
-                refresh()
-        refresh()
+    dede = DeDeFilter(scorer, threshold, stage, counters)
+    outputs = {k: v for k, v in asdict(stage).items() if k not in ("batch_size", "parquet_dir", "row_group_size")}
+    prepare(layout, {"format": JOB_FORMAT, "urls": list(urls), "model_id": scorer.detector.model_id,
+                     "threshold": dede.threshold.to_dict(), "stage": outputs, "write_shards": write_shards},
+            overwrite, resume)
+    tasks = [{"index": i, "url": url} for i, url in enumerate(urls) if not valid_marker(layout, i, url, write_shards)]
+    for task in tasks:
+        clear_shard(layout, task["index"])
+    clear_temps(layout)
+    start = time.perf_counter()
+    if tasks:
+        pipeline = wds.DataPipeline(partial(iter, tasks), wds.split_by_node, wds.split_by_worker,
+                                    ShardWork(dede, layout, write_shards))
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(tasks)),
+                               worker_init_fn=partial(die_with_parent, os.getpid()))
+        with tqdm(total=len(urls), initial=len(urls) - len(tasks), desc="filter", unit=" shards",
+                  disable=not progress) as bar:
+            try:
+                for _ in loader:
+                    bar.set_postfix(counters.snapshot(), refresh=False)
+                    bar.update()
+            except RuntimeError as err:
+                raise JobInterrupted(f"the filter run stopped ({err}); the finished shards are kept: "
+                                     "run the same command with --resume to redo the rest") from err
     seconds = time.perf_counter() - start
-    if writer is not None:
-        writer.close()
-    shard_paths = sorted(str(p) for p in shards_dir.glob("*.tar")) if write_shards else []
-    result = JobResult(parquet_dir, shard_paths, yielded, seconds, ledger(parquet_dir), counters.snapshot())
+    markers = [valid_marker(layout, i, url, write_shards) for i, url in enumerate(urls)]
+    result = JobResult(
+        parquet_dir=layout.parquet, shard_paths=sorted(str(p) for p in layout.shards.glob("*.tar")),
+        yielded=sum(m["passed_on"] for m in markers if m), seconds=seconds, ledger=ledger(layout.parquet),
+        live_counts=counters.snapshot(), markers=summed([m for m in markers if m]), shards=len(urls),
+        resumed=len(urls) - len(tasks), unfinished=[url for url, m in zip(urls, markers, strict=True) if not m],
+        duplicate_keys=duplicate_keys(layout.parquet))
     if progress:
-        counts = result.ledger
-        print(f"ledger: {sum(counts.values())} in = {counts['kept']} kept + {counts['dropped']} dropped "
-              f"+ {counts['error']} error ({result.samples_per_s:.0f} samples/s)")
+        stats = result.markers
+        print(f"ledger: {stats['samples']} in = {stats['kept']} kept + {stats['dropped']} dropped + "
+              f"{stats['error']} error; {result.shards} shards ({result.resumed} finished before); "
+              f"{'balanced' if result.balanced else 'NOT BALANCED'} ({result.samples_per_s:.0f} samples/s)")
     return result

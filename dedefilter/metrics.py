@@ -22,6 +22,19 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def auprc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Average precision: the mean, over positives, of the precision at that positive's rank (ties
+    broken pessimistically: a tied negative ranks first)."""
+    scores = np.asarray(scores, np.float64)
+    positive = np.asarray(positive, bool)
+    if not positive.any():
+        raise ValueError("AUPRC needs positive samples")
+    order = np.lexsort((positive, -scores))  # by descending score, negatives first among ties
+    hits = positive[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
 def tpr_at_fpr(scores: np.ndarray, positive: np.ndarray, fpr: float) -> float:
     """Share of positives above the threshold that lets at most ``fpr`` of the negatives through."""
     scores = np.asarray(scores, np.float64)

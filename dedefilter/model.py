@@ -37,6 +37,14 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
+def unpatchify(patches: torch.Tensor, patch: int, channels: int = 3) -> torch.Tensor:
+    """The inverse of :func:`patchify`: (B, N, C * patch * patch) -> (B, C, H, W) for square images."""
+    b, n, _ = patches.shape
+    side = int(round(n ** 0.5))
+    x = patches.reshape(b, side, side, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, side * patch, side * patch)
+
+
 class DeDeModel(nn.Module):
     def __init__(self, config: DeDeConfig, embed_dim: int):
         super().__init__()

@@ -11,6 +11,7 @@ fails (after Ray's retries) and so does the run, loudly; no sample is silently l
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,21 @@ import pyarrow as pa
 import torch
 
 from .calibration import Threshold
-from .job import ledger, prepare_output
+from .job import ledger
 from .scoring import Scorer
 from .sink import record_batch, schema
 from .stage import DeDeFilter, StageConfig
 
 SAMPLE_PREFIX = "sample."  # carries the input sample's fields next to its row, for the filtered shards
+
+
+def fresh_directory(directory: Path, overwrite: bool) -> None:
+    """An empty output directory; an existing non-empty one only with ``overwrite``."""
+    if directory.exists() and any(directory.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{directory} is not empty: choose another --out or pass --overwrite")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
 
 
 def require_ray():
@@ -100,9 +110,9 @@ def filter_shards_ray(urls: list[str], scorer: Scorer, out_dir: str | Path, thre
     ray = require_ray()
     out_dir = Path(out_dir)
     parquet_dir, shards_dir = out_dir / "parquet", out_dir / "shards"
-    prepare_output(parquet_dir, overwrite)
+    fresh_directory(parquet_dir, overwrite)
     if write_shards:
-        prepare_output(shards_dir, overwrite)
+        fresh_directory(shards_dir, overwrite)
     start = time.perf_counter()
     samples = ray.data.read_webdataset(urls, decoder=None)
     scored = samples.map_batches(

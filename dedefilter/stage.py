@@ -129,11 +129,13 @@ class DeDeFilter:
                 "encoder": detector.encoder_name, "encoder_fingerprint": detector.encoder_fingerprint,
                 "model_id": detector.model_id, "stage": asdict(self.config)}
 
-    def _open_sink(self) -> ParquetSink | None:
+    def _open_sink(self, name: str | None = None) -> ParquetSink | None:
+        """The part file ``name`` (default: one per rank and DataLoader worker) in ``parquet_dir``."""
         if self.config.parquet_dir is None:
             return None
-        return ParquetSink(self.config.parquet_dir, writer_name(*writer_identity()), self.scorer.detector.model_id,
-                           self.threshold.value, self.metadata(), self.config.row_group_size, self.embed_dim)
+        return ParquetSink(self.config.parquet_dir, name or writer_name(*writer_identity()),
+                           self.scorer.detector.model_id, self.threshold.value, self.metadata(),
+                           self.config.row_group_size, self.embed_dim)
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         sink = self._open_sink()

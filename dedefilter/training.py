@@ -20,42 +20,46 @@ from .model import DeDeModel, patchify
 
 def masked_patch_mse(predicted: torch.Tensor, patches: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Per-sample MSE over the masked patches only (the visible ones are pasted back when scoring)."""
-    masked = torch.ones(patches.shape[:2], dtype=patches.dtype).scatter_(1, visible, 0.0)
+    masked = torch.ones(patches.shape[:2], dtype=patches.dtype, device=patches.device).scatter_(1, visible, 0.0)
     per_patch = (predicted - patches).square().mean(-1)
     return (per_patch * masked).sum(1) / masked.sum(1)
 
 
-def training_precision(requested: str) -> str:
-    """Resolve "auto": bf16 autocast where the CPU computes bf16 natively, else fp32. Scoring is always fp32."""
+def training_precision(requested: str, device: str = "cpu") -> str:
+    """Resolve "auto": bf16 autocast on GPUs and on CPUs that compute bf16 natively, else fp32.
+    Scoring is always fp32."""
     if requested not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train_precision must be auto, bf16 or fp32, not {requested!r}")
     if requested == "auto":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        native = device != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return "bf16" if native else "fp32"
     return requested
 
 
 def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeConfig(),
-                log=print) -> tuple[DeDeModel, dict]:
-    """Train on uint8 images (N, S, S, 3), embedding each image once."""
+                log=print, device: str = "cpu") -> tuple[DeDeModel, dict]:
+    """Train on uint8 images (N, S, S, 3), embedding each image once; the model returns on the CPU.
+    ``device`` is where the encoder's module lives and where training runs."""
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    embeddings = embed_array(encoder, images)
+    embeddings = embed_array(encoder, images, device=device)
     embed_seconds = time.perf_counter() - start
-    patches = patchify(to_float(images), config.patch_size)
-    model = DeDeModel(config, embeddings.shape[1])
+    patches = patchify(to_float(images), config.patch_size).to(device)
+    model = DeDeModel(config, embeddings.shape[1]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     n_visible = config.n_visible(config.train_mask_ratio)
-    precision = training_precision(config.train_precision)
+    precision = training_precision(config.train_precision, device)
     losses = []
     model.train()
     for epoch in range(config.epochs):
         order = torch.randperm(len(patches), generator=generator)
-        total, batches = torch.zeros(()), 0
+        total, batches = torch.zeros((), device=device), 0
         for i in range(0, len(order), config.batch_size):
             idx = order[i:i + config.batch_size]
-            visible = random_visible(len(idx), config.n_patches, n_visible, generator)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            visible = random_visible(len(idx), config.n_patches, n_visible, generator).to(device)
+            idx = idx.to(device)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 predicted = model(patches[idx], embeddings[idx], visible)
             loss = masked_patch_mse(predicted.float(), patches[idx], visible).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -65,7 +69,7 @@ def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeC
             batches += 1
         losses.append(round(float(total) / batches, 5))
         log(f"dede epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.5f} ({time.perf_counter() - start:.0f}s)")
-    model.eval()
+    model.cpu().eval()
     record = {"n_aux": len(images), "losses": losses, "precision": precision, "embed_seconds": round(embed_seconds, 1),
               "train_seconds": round(time.perf_counter() - start, 1)}
     return model, record

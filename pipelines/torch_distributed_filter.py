@@ -33,7 +33,9 @@ def main() -> int:
     parser.add_argument("--backend", default="gloo", help="process group backend (the ledger is summed on a gloo group)")
     parser.add_argument("--embeddings", action="store_true", help="store embeddings for audits")
     parser.add_argument("--no-shards", action="store_true", help="Parquet scores only")
-    parser.add_argument("--overwrite", action="store_true")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true")
+    again.add_argument("--resume", action="store_true", help="same shards and world size as the interrupted run")
     args = parser.parse_args()
     urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
     dist.init_process_group(args.backend)
@@ -42,11 +44,13 @@ def main() -> int:
         scorer = Scorer(encoder, Detector.load(args.detector, encoder.fingerprint))
         result = filter_shards_distributed(urls, scorer, args.out, stage=StageConfig(batch_size=args.batch_size, store_embeddings=args.embeddings),
                                            num_workers=args.workers, write_shards=not args.no_shards,
-                                           overwrite=args.overwrite)
+                                           overwrite=args.overwrite, resume=args.resume)
     finally:
         dist.destroy_process_group()
     if result.rank == 0:
-        print(json.dumps({"world_size": result.world_size, **result.ledger, "balanced": result.balanced}))
+        print(json.dumps({"world_size": result.world_size, "shards": result.shards,
+                          "finished_shards": result.finished_shards, "samples": result.markers["samples"],
+                          **result.ledger, "balanced": result.balanced}))
     return 0 if result.balanced else 1
 
 

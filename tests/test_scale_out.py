@@ -83,7 +83,8 @@ def test_two_torch_processes_match_the_local_run(tmp_path, detector, inputs, loc
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary == {"world_size": 2, "kept": sum(r["kept"] for r in local_rows),
+    assert summary == {"world_size": 2, "shards": 4, "finished_shards": 4, "samples": 302,
+                       "kept": sum(r["kept"] for r in local_rows),
                        "dropped": sum(r["status"] == "dropped" for r in local_rows), "error": 2, "balanced": True}
     urls_by_rank = [{row["url"] for row in sorted_rows(ds.dataset(str(tmp_path / "dist" / f"rank-{rank:05d}" /
                                                                     "parquet")))} for rank in (0, 1)]

@@ -1,0 +1,351 @@
+"""Detection benchmark: real attacks on real images, DeDe against baselines, and the downstream effect.
+
+    python -m benchmarks.detection [--quick] [--device cuda] [--attacks NAME ...]
+
+For each attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.registry``): a test
+stream of clean Fashion-MNIST test images plus triggered non-target-class test images, a disjoint clean
+reference set (thresholds at 1% FPR, z-scores), three DeDe detectors (auxiliary data: in-distribution
+clean, in-distribution 1% poisoned, out-of-distribution photo patches), the baselines and the DeDe score
+variants on the same inputs, AUROC per source class, and a linear probe on the attacked encoder's
+features: clean accuracy (CA) and attack success rate (ASR) before and after the filter drops suspects.
+Writes ``benchmarks/results/detection.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dedefilter.attacks.registry import ATTACKS, PROBE_TRAIN, load_or_train
+from dedefilter.attacks.triggers import poison
+from dedefilter.config import DeDeConfig
+from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist, photo_patches
+from dedefilter.detector import CheckpointError, Detector
+from dedefilter.encoders import Encoder, to_float
+from dedefilter.metrics import auprc, auroc, tpr_at_fpr
+from dedefilter.probe import train_linear_probe
+from dedefilter.training import train_model
+
+from . import detection_methods as methods
+
+AUX_MODES = ("id-clean", "id-poisoned-1%", "ood-photos")
+BASELINES = ("l2-norm", "knn-density", "mask-consistency")
+VARIANTS = ("dede", "dede-mean8", "dede-embedding", "dede-differential", "dede+density", "dede+consistency",
+            "dede+density+consistency")
+MIN_ASR = 0.8  # an attack that does not work is not a test of a detector: listed, not evaluated
+# The variant of the downstream table and the must-show figures: one choice for every attack, not picked per attack.
+BEST = "dede+density"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    attacks: tuple[str, ...] = tuple(name for name in ATTACKS if not name.endswith("-scratch"))
+    n_clean: int = 4000  # clean images in the test stream
+    n_triggered_per_class: int = 100  # triggered test images per non-target class
+    n_reference: int = 1000  # clean held-out test images: thresholds and z-scores
+    n_aux: int = 6000
+    aux_poison_fraction: float = 0.01
+    epochs: int = 10
+    n_probe_train: int = 10_000
+    target_fpr: float = 0.01
+    seed: int = 0
+    device: str = "cpu"
+    attack_dir: str = "benchmarks/attacks"
+    cache_dir: str = ".dedefilter-bench/detectors"
+    results: str = "benchmarks/results/detection"
+
+
+QUICK = {"attacks": ("badencoder-patch-trouser", "badencoder-patch-tshirt"), "n_clean": 1000,
+         "n_triggered_per_class": 40, "n_reference": 500, "n_aux": 1500, "epochs": 3, "n_probe_train": 3000,
+         "results": "benchmarks/results/detection-quick"}
+
+
+@dataclass
+class Stream:
+    pixels: torch.Tensor  # (N, 3, 32, 32) clean then triggered
+    keys: list[str]
+    triggered: np.ndarray  # (N,) bool
+    labels: np.ndarray  # true class of each image
+    reference: torch.Tensor  # clean reference pixels
+    reference_keys: list[str]
+
+
+def make_stream(trigger, target: int, config: BenchConfig) -> Stream:
+    """Clean test images, triggered non-target test images, and a disjoint clean reference set."""
+    x, y = fashion_mnist("test")
+    order = np.random.default_rng(config.seed).permutation(len(x))
+    reference, rest = order[:config.n_reference], order[config.n_reference:]
+    clean = rest[:config.n_clean]
+    spare = rest[config.n_clean:]
+    sources = np.concatenate([spare[y[spare] == c][:config.n_triggered_per_class]
+                              for c in range(10) if c != target])
+    images = np.concatenate([x[clean], trigger.apply(x[sources])])
+    triggered = np.r_[np.zeros(len(clean), bool), np.ones(len(sources), bool)]
+    keys = [f"test-{i:05d}{'-t' if t else ''}" for i, t in zip(np.r_[clean, sources], triggered, strict=True)]
+    return Stream(to_float(images), keys, triggered, np.r_[y[clean], y[sources]], to_float(x[reference]),
+                  [f"ref-{i:05d}" for i in reference])
+
+
+def aux_images(mode: str, trigger, target: int, config: BenchConfig) -> np.ndarray:
+    """Auxiliary training images for one mode (never overlapping the probe's or the test images)."""
+    if mode == "ood-photos":
+        return photo_patches(config.n_aux, seed=config.seed)
+    x, y = fashion_mnist("train")
+    pool = np.random.default_rng(config.seed).permutation(PROBE_TRAIN.start)[:config.n_aux]  # pretraining split
+    images, labels = x[pool].copy(), y[pool]
+    if mode == "id-poisoned-1%":
+        poison(images, labels, config.aux_poison_fraction, target, trigger, np.random.default_rng(config.seed + 1))
+    return images
+
+
+def get_detector(encoder: Encoder, attack: str, mode: str, trigger, target: int, config: BenchConfig, log) -> Detector:
+    dede = replace(DeDeConfig(), epochs=config.epochs, seed=config.seed)
+    made_with = {"attack": attack, "aux": mode, "n_aux": config.n_aux, "poison": config.aux_poison_fraction,
+                 "dede": asdict(dede)}
+    digest = hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(config.cache_dir) / f"{attack}-{mode}-{digest}.pt"
+    if path.exists():
+        try:
+            return Detector.load(path, encoder.fingerprint)
+        except CheckpointError as err:
+            log(f"retraining: {err}")
+    model, record = train_model(encoder, aux_images(mode, trigger, target, config), dede, log=lambda _: None,
+                                device=config.device)
+    log(f"  trained {mode} detector in {record['train_seconds']}s (loss {record['losses'][-1]})")
+    detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"bench": made_with})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    detector.save(path)
+    return detector
+
+
+def detection_metrics(scores: np.ndarray, reference: np.ndarray, stream: Stream, target_fpr: float) -> dict:
+    positive = stream.triggered
+    threshold = float(np.quantile(reference, 1 - target_fpr, method="higher"))
+    flagged = scores > threshold
+    clean_scores = scores[~positive]
+    per_class = {}
+    for c in np.unique(stream.labels[positive]):
+        of_class = positive & (stream.labels == c)
+        per_class[FASHION_MNIST_CLASSES[c]] = round(auroc(np.r_[clean_scores, scores[of_class]],
+                                                          np.r_[np.zeros(len(clean_scores), bool),
+                                                                np.ones(of_class.sum(), bool)]), 4)
+    return {"auroc": round(auroc(scores, positive), 4), "auprc": round(auprc(scores, positive), 4),
+            "tpr_at_1fpr": round(tpr_at_fpr(scores, positive, 0.01), 4),
+            "threshold_tpr": round(float(flagged[positive].mean()), 4),
+            "threshold_fpr": round(float(flagged[~positive].mean()), 4),
+            "per_class_auroc": per_class, "_flagged": flagged}
+
+
+def downstream(predicted: np.ndarray, stream: Stream, target: int, kept: np.ndarray | None = None) -> dict:
+    """CA over clean images and ASR over triggered ones; with ``kept``, a dropped image counts as neither
+    correct nor a success (it never reaches the model)."""
+    kept = np.ones(len(predicted), bool) if kept is None else kept
+    clean, triggered = ~stream.triggered, stream.triggered
+    correct = (predicted == stream.labels) & kept
+    success = (predicted == target) & kept
+    return {"clean_accuracy": round(float(correct[clean].mean()), 4), "asr": round(float(success[triggered].mean()), 4)}
+
+
+def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
+    start = time.perf_counter()
+    encoder, card = load_or_train(name, config.attack_dir, config.device, log)
+    encoder.module.to(config.device)
+    spec = ATTACKS[name]
+    trigger, target = spec.trigger, spec.target_class
+    described = {"summary": spec.summary, "target": FASHION_MNIST_CLASSES[target], "trigger": trigger.describe(),
+                 "probe": card.get("probe"), "spread": card.get("spread")}
+    if card["probe"]["asr"] < MIN_ASR:
+        log(f"{name}: ASR {card['probe']['asr']:.3f} < {MIN_ASR}: the attack failed, not evaluated")
+        encoder.module.cpu()
+        return described | {"results": None, "seconds": round(time.perf_counter() - start, 1)}
+    stream = make_stream(trigger, target, config)
+    device = config.device
+    log(f"{name}: {len(stream.keys)} stream images ({int(stream.triggered.sum())} triggered), target "
+        f"{FASHION_MNIST_CLASSES[target]}")
+
+    embeddings = methods.embed(encoder, stream.pixels, device)
+    reference_embeddings = methods.embed(encoder, stream.reference, device)
+    norm_ref = methods.l2_norm(reference_embeddings)
+
+    def two_sided(values: np.ndarray) -> np.ndarray:
+        return np.abs(values - np.median(norm_ref)) / (np.std(norm_ref) + 1e-12)
+
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        "l2-norm": (two_sided(methods.l2_norm(embeddings)), two_sided(norm_ref)),
+        "knn-density": (methods.knn_density(embeddings), methods.knn_density(embeddings, reference_embeddings)),
+        "mask-consistency": (methods.masking_consistency(encoder, stream.pixels, device, config.seed),
+                             methods.masking_consistency(encoder, stream.reference, device, config.seed + 1)),
+    }
+    results = {"baselines": {m: detection_metrics(*scores[m], stream, config.target_fpr) for m in BASELINES}}
+
+    x_train, y_train = fashion_mnist("train")
+    probe_rows = np.arange(PROBE_TRAIN.start, PROBE_TRAIN.start + config.n_probe_train)
+    predict = train_linear_probe(torch.from_numpy(methods.embed(encoder, to_float(x_train[probe_rows]), device)),
+                                 torch.as_tensor(y_train[probe_rows]), seed=config.seed)
+    predicted = predict(torch.from_numpy(embeddings)).numpy()
+    results["downstream_unfiltered"] = downstream(predicted, stream, target)
+
+    for mode in AUX_MODES:
+        detector = get_detector(encoder, name, mode, trigger, target, config, log)
+        variants = methods.DeDeVariants(detector.model, encoder, device)
+        own = {
+            "dede": (variants.paper(stream.pixels), variants.paper(stream.reference)),
+            "dede-mean8": (variants.mean_over_masks(stream.pixels, stream.keys),
+                           variants.mean_over_masks(stream.reference, stream.reference_keys)),
+            "dede-embedding": (variants.embedding_consistency(stream.pixels),
+                               variants.embedding_consistency(stream.reference)),
+            "dede-differential": (variants.differential(stream.pixels), variants.differential(stream.reference)),
+        }
+        own["dede+density"] = methods.zscore_sum([own["dede"], scores["knn-density"]])
+        own["dede+consistency"] = methods.zscore_sum([own["dede"], scores["mask-consistency"]])
+        own["dede+density+consistency"] = methods.zscore_sum(
+            [own["dede"], scores["knn-density"], scores["mask-consistency"]])
+        mode_results = {}
+        for variant in VARIANTS:
+            metrics = detection_metrics(*own[variant], stream, config.target_fpr)
+            metrics["downstream_filtered"] = downstream(predicted, stream, target, kept=~metrics.pop("_flagged"))
+            mode_results[variant] = metrics
+        results[mode] = mode_results
+        detector.model.cpu()
+    for metrics in results["baselines"].values():
+        metrics.pop("_flagged")
+    encoder.module.cpu()
+    return described | {"results": results, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def evaluate_and_save(name: str, config: BenchConfig, parts: Path) -> None:
+    """Evaluate one attack and save its results at once, so a run cut short keeps what it finished."""
+    (parts / f"{name}.json").write_text(json.dumps(evaluate_attack(name, config, print), indent=1))
+
+
+def _best_baseline(results: dict) -> tuple[str, float]:
+    name = max(BASELINES, key=lambda m: results["baselines"][m]["auroc"])
+    return name, results["baselines"][name]["auroc"]
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    evaluated = {name: a for name, a in report["attacks"].items() if a["results"] is not None}
+    failed = {name: a for name, a in report["attacks"].items() if a["results"] is None}
+    lines = [
+        "# Detection benchmark", "",
+        f"`{meta['command']}` on {meta['device_name']} ({meta['date']}, torch {meta['torch']}, "
+        f"{meta['seconds']:.0f} s). Fashion-MNIST (28x28 zero-padded to 32x32, gray repeated to RGB); "
+        f"stream per attack: {meta['config']['n_clean']} clean test images + "
+        f"{meta['config']['n_triggered_per_class']} triggered test images per non-target class; "
+        f"{meta['config']['n_reference']} clean reference images (thresholds at "
+        f"{meta['config']['target_fpr']:.0%} FPR, z-scores); DeDe at the paper's size, "
+        f"{meta['config']['epochs']} epochs on {meta['config']['n_aux']} auxiliary images; "
+        f"seed {meta['config']['seed']}.",
+        "", "## AUROC (TPR at 1% FPR)", "",
+        "| attack | target | probe ASR / CA | " + " | ".join(BASELINES) + " | "
+        + " | ".join(f"{v} {m}" for m in ("id-poisoned-1%",) for v in VARIANTS) + " |",
+        "|" + "---|" * (3 + len(BASELINES) + len(VARIANTS)),
+    ]
+
+    def cell(metrics: dict) -> str:
+        return f"{metrics['auroc']:.3f} ({metrics['tpr_at_1fpr']:.2f})"
+
+    for name, attack in evaluated.items():
+        r = attack["results"]
+        probe = attack["probe"] or {}
+        lines.append(f"| {name} | {attack['target']} | {probe.get('asr', float('nan')):.3f} / "
+                     f"{probe.get('clean_accuracy', float('nan')):.3f} | "
+                     + " | ".join(cell(r["baselines"][m]) for m in BASELINES) + " | "
+                     + " | ".join(cell(r["id-poisoned-1%"][v]) for v in VARIANTS) + " |")
+    lines += ["", "## DeDe by auxiliary data (AUROC of the paper score / of " + BEST + ")", "",
+              "| attack | " + " | ".join(AUX_MODES) + " | best baseline |", "|" + "---|" * (2 + len(AUX_MODES))]
+    for name, attack in evaluated.items():
+        r = attack["results"]
+        base, value = _best_baseline(r)
+        lines.append(f"| {name} | " + " | ".join(f"{r[m]['dede']['auroc']:.3f} / {r[m][BEST]['auroc']:.3f}"
+                                                 for m in AUX_MODES) + f" | {base} {value:.3f} |")
+    lines += ["", f"## Downstream: linear probe on the attacked encoder, before / after the filter ({BEST}, "
+              "1%-poisoned aux, threshold at 1% FPR on the reference)", "",
+              "| attack | CA before | CA after | ASR before | ASR after | dropped triggered | dropped clean |",
+              "|---|---|---|---|---|---|---|"]
+    for name, attack in evaluated.items():
+        r = attack["results"]
+        best = r["id-poisoned-1%"][BEST]
+        lines.append(f"| {name} | {r['downstream_unfiltered']['clean_accuracy']:.3f} | "
+                     f"{best['downstream_filtered']['clean_accuracy']:.3f} | {r['downstream_unfiltered']['asr']:.3f} | "
+                     f"{best['downstream_filtered']['asr']:.3f} | {best['threshold_tpr']:.3f} | "
+                     f"{best['threshold_fpr']:.3f} |")
+    lines += ["", "## AUROC per source class (1%-poisoned aux): paper score / " + BEST, ""]
+    for name, attack in evaluated.items():
+        r = attack["results"]["id-poisoned-1%"]
+        classes = list(r["dede"]["per_class_auroc"])
+        lines += [f"**{name}** (target {attack['target']}): " + ", ".join(
+            f"{c} {r['dede']['per_class_auroc'][c]:.2f}/{r[BEST]['per_class_auroc'][c]:.2f}" for c in classes), ""]
+    if failed:
+        lines += [f"## Attacks that failed (linear-probe ASR < {MIN_ASR:.0%}: not a test of any detector)", ""]
+        lines += [f"- {name}: ASR {a['probe']['asr']:.3f}, clean accuracy {a['probe']['clean_accuracy']:.3f} "
+                  f"({a['summary']})" for name, a in failed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in minutes")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attacks", nargs="+", choices=sorted(ATTACKS))
+    parser.add_argument("--results", help="output path without extension")
+    parser.add_argument("--assemble", action="store_true",
+                        help="only write the report from the per-attack results an earlier run saved")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="attacks evaluated in parallel processes (a GPU is mostly idle with one)")
+    args = parser.parse_args(argv)
+    config = BenchConfig(device=args.device)
+    if args.quick:
+        config = replace(config, **QUICK)
+    if args.attacks:
+        config = replace(config, attacks=tuple(args.attacks))
+    if args.results:
+        config = replace(config, results=args.results)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    parts = Path(f"{config.results}-parts")
+    if not args.assemble:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+        evaluate = functools.partial(evaluate_and_save, config=config, parts=parts)
+        if args.jobs > 1:
+            context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+            with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads,
+                                     initargs=(max(1, (os.cpu_count() or 1) // args.jobs),)) as pool:
+                list(pool.map(evaluate, config.attacks))
+        else:
+            for name in config.attacks:
+                evaluate(name)
+    attacks = {name: json.loads((parts / f"{name}.json").read_text())
+               for name in config.attacks if (parts / f"{name}.json").exists()}
+    device_name = torch.cuda.get_device_name() if config.device.startswith("cuda") else platform.processor() or "cpu"
+    report = {"meta": {"command": "python -m benchmarks.detection" + (" --quick" if args.quick else ""),
+                       "config": asdict(config), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "torch": torch.__version__, "device_name": f"{device_name} ({torch.get_num_threads()} threads)",
+                       "seconds": round(time.perf_counter() - start, 1),
+                       "attack_seconds": {name: attack["seconds"] for name, attack in attacks.items()}},
+              "attacks": attacks}
+    path = Path(config.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
