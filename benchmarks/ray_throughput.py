@@ -2,16 +2,16 @@
 
     python benchmarks/ray_throughput.py [--images 3000] [--repeats 2] [--out benchmarks/results]
 
-Over WebDataset shards of real Fashion-MNIST test images (250 per shard, so both actors get blocks), with the bundled encoder and
-a DeDe model of the paper's size (seeded initial weights; a threshold that keeps every sample: the
-compute does not depend on the weights). One local Ray (``num_cpus`` = 3 logical CPUs: one per actor,
+Over WebDataset shards of real Fashion-MNIST test images (250 per shard, so both actors get blocks),
+with the bundled encoder and a DeDe model of the paper's size (seeded initial weights; a threshold
+that keeps every sample: the compute does not depend on the weights). One local Ray (``num_cpus`` = 3 logical CPUs: one per actor,
 one for the read tasks); each actor is one process with one torch thread. The runs alternate
 1, 2, 1, 2, ... actors so machine load drifts hit both alike; a first untimed run starts Ray's
 workers. Each timed run is a whole ``filter_shards_ray`` (read, score, write Parquet; no shards), so it
 includes the actors' start-up (loading the models). Ray's stats give the scorer operator's summed CPU
 seconds: samples per actor CPU-second is the rate of one actor on a core of its own, which a busy
-machine hides in the wall-clock figures. Parquet bytes per row are measured on the local
-sink's files (one file per writer, 64k-row groups), with and without the embedding column.
+machine hides in the wall-clock figures. Parquet bytes per row: the rows scored once by the local job
+with embeddings, written as one file (64k-row groups) with and without the embedding column.
 
 Writes OUT/ray_throughput.json.
 """
@@ -66,15 +66,15 @@ def parquet_bytes(directory: Path) -> int:
 
 
 def bytes_per_row(urls: list[str], scorer: Scorer, work: Path) -> dict:
-    """Score once with embeddings through the local sink; rewrite without them for the other figure."""
+    """Score once with embeddings (local job), then write the rows as one file with and without them."""
     result = filter_shards(urls, scorer, work / "local", stage=StageConfig(store_embeddings=True), num_workers=0,
                            write_shards=False, progress=False)
     table = ds.dataset(str(result.parquet_dir), format="parquet").to_table()
-    pq.write_table(table.drop_columns(["embedding"]), work / "no-embedding.parquet", row_group_size=65_536)
-    rows = table.num_rows
-    return {"rows": rows, "embed_dim": scorer.encoder.embed_dim,
-            "with_embeddings": parquet_bytes(result.parquet_dir) / rows,
-            "without_embeddings": (work / "no-embedding.parquet").stat().st_size / rows}
+    sizes = {}
+    for name, rows in (("with_embeddings", table), ("without_embeddings", table.drop_columns(["embedding"]))):
+        pq.write_table(rows, work / f"{name}.parquet", row_group_size=65_536)
+        sizes[name] = round((work / f"{name}.parquet").stat().st_size / table.num_rows, 1)
+    return {"rows": table.num_rows, "embed_dim": scorer.encoder.embed_dim, **sizes}
 
 
 def main() -> None:
