@@ -1,4 +1,4 @@
-"""``dedefilter`` command line: shards, train, calibrate, filter, demo.
+"""``dedefilter`` command line: shards, train, calibrate, filter, demo, audit, select, reshard.
 
 The one place where flags become config dataclasses.
 """
@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import fields, replace
 
 import numpy as np
@@ -172,6 +173,57 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(config)
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    import braceexpand
+
+    from .audit import (
+        AuditConfig,
+        audit,
+        labels_from_file,
+        labels_from_shards,
+        write_audit,
+    )
+
+    urls = [url for pattern in args.shards or [] for url in braceexpand.braceexpand(pattern)]
+    labels = labels_from_file(args.labels) if args.labels else (
+        labels_from_shards(urls, args.label_field) if urls and args.label_field else None)
+    given = {name: getattr(args, name) for name in ("k", "min_collapse", "exact_max", "nprobe")}
+    config = replace(AuditConfig(), **{name: v for name, v in given.items() if v is not None})
+    result = audit(args.parquet, config, labels)
+    start = time.perf_counter()
+    out = write_audit(result, args.out)
+    result.summary["seconds"]["write"] = round(time.perf_counter() - start, 2)
+    if not args.no_report:
+        from .report import write_report
+
+        start = time.perf_counter()
+        write_report(result, out, urls or None)
+        result.summary["seconds"]["report"] = round(time.perf_counter() - start, 2)
+    (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    s = result.summary
+    print(json.dumps({"out": str(out), **{k: s[k] for k in ("rows", "kept", "dropped", "error", "suspect")},
+                      "index": s.get("index"), "clusters": s.get("clusters", [])[:3]}))
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .audit import select_keys
+
+    keys = select_keys(args.source, args.threshold, args.fraction, args.cluster, args.members)
+    Path(args.out).write_text("".join(f"{k}\n" for k in keys))
+    print(json.dumps({"selected": len(keys), "out": args.out}))
+
+
+def cmd_reshard(args: argparse.Namespace) -> None:
+    import braceexpand
+
+    from .reshard import read_keys, reshard
+
+    urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
+    print(json.dumps(reshard(urls, read_keys(args.drop_keys), args.out).to_dict()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dedefilter", description="DeDe backdoor-sample filter for image datasets")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +287,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a 1-minute smoke run at small sizes in .dedefilter-demo/quick/")
     p.add_argument("--retrain", action="store_true", help="retrain the cached detectors")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("audit", help="audit Parquet scores offline: statistics, collapse clusters, HTML report")
+    p.add_argument("parquet", help="the filter's Parquet directory")
+    p.add_argument("--out", required=True, help="folder for summary.json, samples.parquet, report.html")
+    p.add_argument("--shards", nargs="+", help="the scored shards (thumbnails, and labels from --label-field)")
+    p.add_argument("--labels", help="key,label CSV or JSON object (instead of labels from the shards)")
+    p.add_argument("--label-field", default="cls", help="shard field holding the label: cls, or json:NAME")
+    p.add_argument("--k", type=int, help="neighbours per sample (default 10)")
+    p.add_argument("--min-collapse", type=float,
+                   help="flagged share of neighbours for a flagged sample to seed a cluster (default 0.3)")
+    p.add_argument("--exact-max", type=int, help="exact kNN up to this many embeddings, IVF above (default 20000)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 8)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report (no matplotlib needed)")
+    p.set_defaults(run=cmd_audit)
+
+    p = sub.add_parser("select", help="a sorted key list: scores above a threshold, a top fraction, or a cluster")
+    p.add_argument("source", help="a filter's Parquet directory, or an audit folder (for --cluster)")
+    p.add_argument("--out", required=True, help="text file, one key per line")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--threshold", type=float, help="keys with score > threshold")
+    how.add_argument("--fraction", type=float, help="keys of the top fraction of scores")
+    how.add_argument("--cluster", type=int, help="keys of an audit cluster")
+    p.add_argument("--members", choices=["region", "flagged"], default="region",
+                   help="for --cluster: its whole collapse region, or only its flagged members")
+    p.set_defaults(run=cmd_select)
+
+    p = sub.add_parser("reshard", help="copy shards without the keys in a key list")
+    p.add_argument("shards", nargs="+", help="shard paths or brace patterns")
+    p.add_argument("--drop-keys", required=True, help="text file, one key per line (from `dedefilter select`)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_reshard)
     return parser
 
 
