@@ -128,6 +128,11 @@ def cmd_filter(args: argparse.Namespace) -> int:
     threshold = calibration.fixed(args.threshold) if args.threshold is not None else None
     urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
     stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate, store_embeddings=args.embeddings)
+    if args.engine == "ray":
+        if args.resume:
+            raise ValueError("--resume is for the local engine; on Ray, run pipelines/ray_filter.py with "
+                             "--slice-shards (docs/SCALE.md)")
+        return filter_on_ray(urls, Scorer(encoder, detector), threshold, stage, args)
     result = filter_shards(urls, Scorer(encoder, detector), args.out, threshold, stage, num_workers=args.workers,
                            write_shards=not args.no_shards, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
@@ -141,6 +146,20 @@ def cmd_filter(args: argparse.Namespace) -> int:
         print(f"dedefilter filter: error: ledger does not balance: shard stats say {result.markers}, Parquet holds "
               f"{result.ledger}; unfinished shards: {result.unfinished[:5]}", file=sys.stderr)
         return 1
+    return 0
+
+
+def filter_on_ray(urls: list[str], scorer, threshold, stage, args: argparse.Namespace) -> int:
+    from .ray_engine import filter_shards_ray, require_ray
+
+    ray = require_ray()
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
+    result = filter_shards_ray(urls, scorer, args.out, threshold, stage, actors=args.actors,
+                               cpus_per_actor=args.cpus_per_actor, write_shards=not args.no_shards,
+                               overwrite=args.overwrite)
+    print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
+                      **result.ledger, "samples_per_s": round(result.samples_per_s, 1)}))
     return 0
 
 
@@ -246,8 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=finite, help="override the detector's stored threshold")
-    p.add_argument("--workers", type=count(0), default=2)
+    p.add_argument("--workers", type=count(0), default=2, help="DataLoader workers (local engine)")
     p.add_argument("--batch-size", type=count(1), default=256)
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: DataLoader workers here; ray: Ray Data scorer actors (needs dedefilter[ray])")
+    p.add_argument("--actors", type=count(1), default=2, help="scorer actors (ray engine)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPUs each actor reserves (ray engine); leave some for the read tasks")
     p.add_argument("--annotate", action="store_true", help="pass suspects on (flagged) instead of dropping them")
     p.add_argument("--no-shards", action="store_true", help="write Parquet scores only")
     p.add_argument("--embeddings", action="store_true",
@@ -305,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobInterrupted as err:
         print(f"dedefilter {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except (CheckpointError, DataUnavailable, OSError, ValueError) as err:
+    except (CheckpointError, DataUnavailable, ImportError, OSError, ValueError) as err:
         print(f"dedefilter {args.command}: error: {err}", file=sys.stderr)
         return 2
 

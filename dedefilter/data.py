@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def decode_image(data: bytes, size: int = IMAGE_SIZE, max_pixels: int = MAX_PIXE
         raise ValueError(f"image too large to decode ({err}; the limit is {max_pixels} pixels, "
                          "a guard against decompression bombs)") from err
     except Exception as err:  # any decoder failure is a property of the sample, not of the run
-        raise ValueError(f"undecodable image: {type(err).__name__}: {err}") from err
+        reason = re.sub(r" at 0x[0-9a-f]+", "", str(err))  # PIL names the stream object: same sample, same reason
+        raise ValueError(f"undecodable image: {type(err).__name__}: {reason}") from err
     if rgb.size != (size, size):
         rgb = ImageOps.fit(rgb, (size, size), Image.BILINEAR)
     return np.asarray(rgb)

@@ -51,6 +51,29 @@ def embedding_column(embeddings: np.ndarray | None, rows: int, dim: int) -> pa.A
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
 
 
+def record_batch(keys: Sequence[str | None], urls: Sequence[str | None], scores: np.ndarray,
+                 suspect: np.ndarray, status: Sequence[str], reasons: Sequence[str | None], *, model_id: str,
+                 threshold: float, embeddings: np.ndarray | None = None, embed_dim: int | None = None,
+                 table_schema: pa.Schema | None = None) -> pa.RecordBatch:
+    """One batch of decisions as score-table rows: shared by :class:`ParquetSink` and the Ray engine, so
+    every engine writes the same columns and types."""
+    n = len(keys)
+    columns = [
+        pa.array(keys, pa.string()),
+        pa.array(urls, pa.string()),
+        pa.array(np.asarray(scores, np.float32), pa.float32(), from_pandas=True),
+        pa.array(np.full(n, threshold, np.float32), pa.float32()),
+        pa.array(np.asarray(suspect, bool)),
+        pa.array(np.asarray(status) == "kept"),
+        pa.array(status, pa.string()),
+        pa.array(reasons, pa.string()),
+        pa.array([model_id] * n, pa.string()),
+    ]
+    if embed_dim is not None:
+        columns.append(embedding_column(embeddings, n, embed_dim))
+    return pa.RecordBatch.from_arrays(columns, schema=table_schema or schema(embed_dim))
+
+
 def writer_name(rank: int, worker: int) -> str:
     return f"part-r{rank:05d}-w{worker:03d}"
 
@@ -79,27 +102,14 @@ class ParquetSink:
 
         ``embeddings`` (rows, D) belong to the first rows (the scored samples); later rows get null.
         """
-        n = len(keys)
-        if n == 0:
+        if len(keys) == 0:
             return
-        status_array = pa.array(status, pa.string())
-        columns = [
-            pa.array(keys, pa.string()),
-            pa.array(urls, pa.string()),
-            pa.array(np.asarray(scores, np.float32), pa.float32(), from_pandas=True),
-            pa.array(np.full(n, self.threshold), pa.float32()),
-            pa.array(np.asarray(suspect, bool)),
-            pa.array(np.asarray(status) == "kept"),
-            status_array,
-            pa.array(reasons, pa.string()),
-            pa.array([self.model_id] * n, pa.string()),
-        ]
-        if self.embed_dim is not None:
-            columns.append(embedding_column(embeddings, n, self.embed_dim))
-        batch = pa.RecordBatch.from_arrays(columns, schema=self._writer.schema)
+        batch = record_batch(keys, urls, scores, suspect, status, reasons, model_id=self.model_id,
+                             threshold=float(self.threshold), embeddings=embeddings, embed_dim=self.embed_dim,
+                             table_schema=self._writer.schema)
         self._pending.append(batch)
-        self._pending_rows += n
-        self.rows += n
+        self._pending_rows += len(keys)
+        self.rows += len(keys)
         if self._pending_rows >= self.row_group_size:
             self._flush()
 

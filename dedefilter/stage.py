@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 
 import numpy as np
 import torch
+from webdataset.utils import pytorch_worker_info
 
 from .calibration import Threshold
 from .data import decode_image
@@ -50,10 +50,37 @@ class Decision:
     reasons: list[str | None]
 
 
+@dataclass
+class Outcome:
+    """One batch after decode -> score -> decide; every sample is in ``scored`` or ``failed``."""
+
+    scored: list[dict]
+    failed: list[tuple[dict, str]]  # (sample, reason): unreadable, no image, undecodable
+    scores: np.ndarray  # (len(scored),)
+    embeddings: np.ndarray | None  # (len(scored), D)
+    decision: Decision  # for the scored samples
+
+    def rows(self) -> dict:
+        """The batch's score-table columns (:func:`dedefilter.sink.record_batch`): scored samples first,
+        since the embeddings belong to them, then the failed ones as ``error`` rows."""
+        samples = self.scored + [sample for sample, _ in self.failed]
+        n_failed = len(self.failed)
+        return {
+            "keys": [s.get("__key__") for s in samples],
+            "urls": [s.get("__url__") for s in samples],
+            "scores": np.concatenate([self.scores, np.full(n_failed, np.nan, np.float32)]),
+            "suspect": np.concatenate([self.decision.suspect, np.zeros(n_failed, bool)]),
+            "status": self.decision.status + ["error"] * n_failed,
+            "reasons": self.decision.reasons + [reason for _, reason in self.failed],
+            "embeddings": self.embeddings,
+        }
+
+
 def writer_identity() -> tuple[int, int]:
-    """(rank, DataLoader worker id) of the calling process."""
-    info = torch.utils.data.get_worker_info()
-    return int(os.environ.get("RANK", "0")), (info.id if info is not None else 0)
+    """(rank, DataLoader worker id) of the calling process, as ``wds.split_by_node`` / ``split_by_worker`` see
+    them (``RANK`` or the initialised ``torch.distributed`` group), so each part file is one shard split's."""
+    rank, _, worker, _ = pytorch_worker_info()
+    return rank, worker
 
 
 def batched(iterable: Iterable, size: int) -> Iterator[list]:
@@ -90,17 +117,25 @@ class DeDeFilter:
         self.config = config
         self.counters = counters
 
+    @property
+    def embed_dim(self) -> int | None:
+        """Width of the Parquet embedding column; None when embeddings are not stored."""
+        return self.scorer.encoder.embed_dim if self.config.store_embeddings else None
+
+    def metadata(self) -> dict:
+        """What made the scores (stored with the Parquet schema): config, threshold, encoder, model, stage."""
+        detector = self.scorer.detector
+        return {"config": asdict(detector.config), "threshold": self.threshold.to_dict(),
+                "encoder": detector.encoder_name, "encoder_fingerprint": detector.encoder_fingerprint,
+                "model_id": detector.model_id, "stage": asdict(self.config)}
+
     def _open_sink(self, name: str | None = None) -> ParquetSink | None:
         """The part file ``name`` (default: one per rank and DataLoader worker) in ``parquet_dir``."""
         if self.config.parquet_dir is None:
             return None
-        detector = self.scorer.detector
-        metadata = {"config": asdict(detector.config), "threshold": self.threshold.to_dict(),
-                    "encoder": detector.encoder_name, "encoder_fingerprint": detector.encoder_fingerprint,
-                    "model_id": detector.model_id, "stage": asdict(self.config)}
-        embed_dim = self.scorer.encoder.embed_dim if self.config.store_embeddings else None
-        return ParquetSink(self.config.parquet_dir, name or writer_name(*writer_identity()), detector.model_id,
-                           self.threshold.value, metadata, self.config.row_group_size, embed_dim)
+        return ParquetSink(self.config.parquet_dir, name or writer_name(*writer_identity()),
+                           self.scorer.detector.model_id, self.threshold.value, self.metadata(),
+                           self.config.row_group_size, self.embed_dim)
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         sink = self._open_sink()
@@ -130,7 +165,8 @@ class DeDeFilter:
         reasons = [None if ok else NON_FINITE for ok in finite.tolist()]
         return Decision(suspect, passed, status, reasons)
 
-    def _filter(self, batch: list[dict], sink: ParquetSink | None) -> Iterator[dict]:
+    def process(self, batch: list[dict]) -> Outcome:
+        """Decode, score and decide one batch of samples: the engine-independent core of the stage."""
         images, scored, failed = [], [], []
         for sample in batch:
             try:
@@ -143,22 +179,18 @@ class DeDeFilter:
         if scored:
             result = self.scorer.score(np.stack(images), [s["__key__"] for s in scored])
             scores, embeddings = result.scores, result.embeddings
-        decision = self._decide(scores)
-        suspect, passed = decision.suspect, decision.passed
+        return Outcome(scored, failed, scores, embeddings, self._decide(scores))
+
+    def _filter(self, batch: list[dict], sink: ParquetSink | None) -> Iterator[dict]:
+        outcome = self.process(batch)
+        decision = outcome.decision
         if sink is not None:
-            sink.write(
-                keys=[s.get("__key__") for s in scored] + [s.get("__key__") for s, _ in failed],
-                urls=[s.get("__url__") for s in scored] + [s.get("__url__") for s, _ in failed],
-                scores=np.concatenate([scores, np.full(len(failed), np.nan, np.float32)]),
-                suspect=np.concatenate([suspect, np.zeros(len(failed), bool)]),
-                status=decision.status + ["error"] * len(failed),
-                reasons=decision.reasons + [reason for _, reason in failed],
-                embeddings=embeddings,
-            )
+            sink.write(**outcome.rows())
         if self.counters is not None:
             self.counters.add(decision.status.count("kept"), decision.status.count("dropped"),
-                              decision.status.count("error") + len(failed))
-        decisions = zip(scored, scores.tolist(), suspect.tolist(), passed.tolist(), strict=True)
+                              decision.status.count("error") + len(outcome.failed))
+        decisions = zip(outcome.scored, outcome.scores.tolist(), decision.suspect.tolist(), decision.passed.tolist(),
+                        strict=True)
         for sample, score, is_suspect, ok in decisions:
             if ok:
                 sample[self.config.score_field] = score
