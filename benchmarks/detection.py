@@ -341,7 +341,10 @@ def main(argv: list[str] | None = None) -> dict:
                 evaluate(name)
     attacks = {name: json.loads((parts / f"{name}.json").read_text())
                for name in config.attacks if (parts / f"{name}.json").exists()}
-    report = {"meta": {"command": "python -m benchmarks.detection" + (" --quick" if args.quick else ""),
+    command = "python -m benchmarks.detection" + (" --quick" if args.quick else "")
+    if args.assemble:
+        command += " --assemble (from the per-attack results of earlier runs: see each attack's device and date)"
+    report = {"meta": {"command": command,
                        "config": asdict(config),
                        "date": ", ".join(sorted({a["date"] for a in attacks.values()})),
                        "torch": ", ".join(sorted({a["torch"] for a in attacks.values()})),

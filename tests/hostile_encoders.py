@@ -1,10 +1,13 @@
-"""A ``module:factory`` encoder for the tests: a real CNN whose output is NaN or infinite for some images."""
+"""``module:factory`` encoders for the tests: a real CNN whose output is NaN or infinite for some
+images, and the bundled backdoored encoder slowed down."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from dedefilter.encoders import SmallCNN
+from dedefilter.encoders import SmallCNN, load_encoder
 
 
 class NonFiniteForExtremes(SmallCNN):
@@ -22,3 +25,18 @@ class NonFiniteForExtremes(SmallCNN):
 def non_finite_for_extremes() -> NonFiniteForExtremes:
     torch.manual_seed(0)
     return NonFiniteForExtremes()
+
+
+class Slow(SmallCNN):
+    """0.3 s more per forward pass, so a filter run lasts long enough to be killed half-way on any machine."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.3)
+        return super().forward(images)
+
+
+def slow_badencoder() -> Slow:
+    """The bundled ``fmnist-badencoder`` weights in :class:`Slow`: the same fingerprint, so the same scores."""
+    slow = Slow()
+    slow.load_state_dict(load_encoder("fmnist-badencoder").module.state_dict())
+    return slow
