@@ -60,7 +60,6 @@ from dedefilter.attacks.triggers import PatchTrigger, poison
 from dedefilter.data import decode_image, fashion_mnist
 from dedefilter.demo import BACKDOORED, DemoConfig
 from dedefilter.encoders import embed_array, to_float
-from dedefilter.job import share_cores
 from dedefilter.masking import random_visible
 from dedefilter.metrics import auroc
 from dedefilter.model import DeDeModel, patchify
@@ -156,8 +155,9 @@ def timing_detector(encoder) -> Detector:
     return Detector(model, encoder.name, encoder.fingerprint, threshold=fixed(float("inf")))
 
 
-def loader(pipeline, workers: int, init=share_cores) -> wds.WebLoader:
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, worker_init_fn=init if workers else None)
+def loader(pipeline, workers: int) -> wds.WebLoader:
+    """Workers keep torch's one thread each, as in the filter job (dedefilter.job.die_with_parent says why)."""
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
 
 
 def run_loader(config: dict) -> dict:
@@ -187,7 +187,7 @@ def run_loader(config: dict) -> dict:
             detector = timing_detector(encoder)
             encoder.module.to(device)
             detector.model.to(device)
-            batches = loader(shard_pipeline(urls, lambda s: tensor_batches(s, batch)), workers, init=None)
+            batches = loader(shard_pipeline(urls, lambda s: tensor_batches(s, batch)), workers)
             errors, _ = official_errors(batches, encoder.module, detector.model, detector.config, device=device)
             count = len(errors)
         seconds = time.perf_counter() - start

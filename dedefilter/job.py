@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import torch
 import webdataset as wds
 from tqdm import tqdm
 
@@ -93,8 +92,12 @@ def duplicate_keys(parquet_dir: str | Path) -> int:
 
 
 def die_with_parent(parent: int, _worker_id: int) -> None:
-    """In a DataLoader worker (Linux): be killed with the main process, so no orphan
-    keeps writing a shard while a resumed run redoes it."""
+    """DataLoader ``worker_init_fn`` (Linux): the worker is killed with the main process, so no orphan
+    keeps writing a shard while a resumed run redoes it.
+
+    Workers keep torch's one thread: more threads in a worker forked from a process whose OpenMP pool
+    already ran can deadlock (seen here as a hung resumed run).
+    """
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the main process died before prctl took effect
@@ -146,23 +149,6 @@ class ShardWork:
         return stats
 
 
-def share_cores(worker_id: int) -> None:
-    """In a DataLoader worker: split the cores between the workers.
-
-    torch starts every worker with one thread, so one worker would leave all other cores idle while
-    it runs the encoder and the DeDe model.
-    """
-    workers = torch.utils.data.get_worker_info().num_workers
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
-
-
-
-def init_worker(parent: int, worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: die with the main process, and take a fair share of the cores."""
-    die_with_parent(parent, worker_id)
-    share_cores(worker_id)
-
-
 def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None = None,
                   stage: StageConfig = StageConfig(), num_workers: int = 2, write_shards: bool = True,
                   overwrite: bool = False, resume: bool = False, progress: bool = True) -> JobResult:
@@ -188,7 +174,7 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
         pipeline = wds.DataPipeline(partial(iter, tasks), wds.split_by_node, wds.split_by_worker,
                                     ShardWork(dede, layout, write_shards))
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(tasks)),
-                               worker_init_fn=partial(init_worker, os.getpid()))
+                               worker_init_fn=partial(die_with_parent, os.getpid()))
         with tqdm(total=len(urls), initial=len(urls) - len(tasks), desc="filter", unit=" shards",
                   disable=not progress) as bar:
             try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -10,7 +9,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from conftest import SMALL
 
 from benchmarks.official_loop import official_errors, shuffled_visible, unpatchify
@@ -18,7 +16,6 @@ from benchmarks.procmem import PeakSampler
 from benchmarks.throughput import run_loader, verdicts
 from dedefilter import Detector, Scorer
 from dedefilter.encoders import to_float
-from dedefilter.job import share_cores
 from dedefilter.masking import key_seeds, keyed_visible
 from dedefilter.model import DeDeModel, patchify
 
@@ -64,12 +61,6 @@ def test_peak_sampler_counts_a_child_process():
         subprocess.run([sys.executable, "-c", child], check=True)
     assert sampler.peak.processes >= 2
     assert sampler.peak.rss >= 200 * 2**20 and sampler.peak.pss >= 200 * 2**20
-
-
-def test_one_worker_gets_every_core():
-    loader = wds.WebLoader(wds.DataPipeline(lambda: iter([0]), wds.map(lambda _: torch.get_num_threads())),
-                           batch_size=None, num_workers=1, worker_init_fn=share_cores)
-    assert list(loader) == [len(os.sched_getaffinity(0))]
 
 
 def test_filter_and_official_loop_count_every_sample(shards):
