@@ -6,8 +6,6 @@ Augmentations run batched on tensors (one affine grid per batch), not per image 
 from __future__ import annotations
 
 import copy
-import copy
-import copy
 import time
 from dataclasses import asdict, dataclass
 
@@ -33,7 +31,7 @@ class SimCLRConfig:
 def augment(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.2) -> torch.Tensor:
     """Random resized crop, horizontal flip and brightness jitter for a whole batch at once."""
     n = images.shape[0]
-    rand = torch.rand(n, 5, generator=generator).to(images.device)  # CPU draws: same views on any device.to(images.device)  # CPU draws: same views on any device.to(images.device)  # CPU draws: same views on any device
+    rand = torch.rand(n, 5, generator=generator).to(images.device)  # CPU draws: same views on any device
     scale = (min_scale + (1 - min_scale) * rand[:, 0]).sqrt()
     aspect = torch.exp((rand[:, 1] - 0.5) * 0.575)  # log-uniform in (3/4, 4/3)
     sx = (scale * aspect.sqrt()).clamp(max=1.0)
@@ -48,7 +46,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, min_scale: float =
     theta[:, 1, 2] = ty
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     views = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    brightness = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=generator).to(images.device).to(images.device).to(images.device)
+    brightness = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=generator).to(images.device)
     return (views * brightness).clamp_(0, 1)
 
 
