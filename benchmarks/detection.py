@@ -31,11 +31,12 @@ import torch
 
 from dedefilter.attacks.registry import ATTACKS, PROBE_TRAIN, load_or_train
 from dedefilter.attacks.triggers import poison
+from dedefilter.calibration import for_false_positive_rate
 from dedefilter.config import DeDeConfig
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist, photo_patches
 from dedefilter.detector import CheckpointError, Detector
 from dedefilter.encoders import Encoder, to_float
-from dedefilter.metrics import auprc, auroc, tpr_at_fpr
+from dedefilter.metrics import auprc, auroc, auroc_per_source_class, rates_at_threshold, tpr_at_fpr
 from dedefilter.probe import train_linear_probe
 from dedefilter.training import train_model
 
@@ -133,20 +134,13 @@ def get_detector(encoder: Encoder, attack: str, mode: str, trigger, target: int,
 
 def detection_metrics(scores: np.ndarray, reference: np.ndarray, stream: Stream, target_fpr: float) -> dict:
     positive = stream.triggered
-    threshold = float(np.quantile(reference, 1 - target_fpr, method="higher"))
-    flagged = scores > threshold
-    clean_scores = scores[~positive]
-    per_class = {}
-    for c in np.unique(stream.labels[positive]):
-        of_class = positive & (stream.labels == c)
-        per_class[FASHION_MNIST_CLASSES[c]] = round(auroc(np.r_[clean_scores, scores[of_class]],
-                                                          np.r_[np.zeros(len(clean_scores), bool),
-                                                                np.ones(of_class.sum(), bool)]), 4)
+    threshold = for_false_positive_rate(reference, target_fpr).value
+    tpr, fpr = rates_at_threshold(scores, positive, threshold)
     return {"auroc": round(auroc(scores, positive), 4), "auprc": round(auprc(scores, positive), 4),
             "tpr_at_1fpr": round(tpr_at_fpr(scores, positive, 0.01), 4),
-            "threshold_tpr": round(float(flagged[positive].mean()), 4),
-            "threshold_fpr": round(float(flagged[~positive].mean()), 4),
-            "per_class_auroc": per_class, "_flagged": flagged}
+            "threshold_tpr": round(tpr, 4), "threshold_fpr": round(fpr, 4),
+            "per_class_auroc": auroc_per_source_class(scores, positive, stream.labels, FASHION_MNIST_CLASSES),
+            "_flagged": scores > threshold}
 
 
 def downstream(predicted: np.ndarray, stream: Stream, target: int, kept: np.ndarray | None = None) -> dict:

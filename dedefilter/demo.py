@@ -24,7 +24,7 @@ from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .detector import CheckpointError, Detector
 from .encoders import Encoder, load_encoder
 from .job import filter_shards
-from .metrics import auroc, rates_at_threshold, tpr_at_fpr
+from .metrics import auroc, auroc_per_source_class, rates_at_threshold, tpr_at_fpr
 from .scoring import Scorer
 from .shards import write_image_shards
 from .stage import StageConfig
@@ -81,12 +81,7 @@ def evaluate(parquet_dir: Path, truth: dict[str, tuple[bool, int]], target: int)
     triggered, labels = map(np.array, zip(*(truth[key] for key in table["key"].to_pylist())))
     threshold = table["threshold"][0].as_py()
     tpr, fpr = rates_at_threshold(scores, triggered, threshold)
-    per_class = {}
-    for c, name in enumerate(FASHION_MNIST_CLASSES):
-        source = triggered & (labels == c)
-        if source.any():
-            keep = source | ~triggered
-            per_class[name] = round(auroc(scores[keep], source[keep]), 4)
+    per_class = auroc_per_source_class(scores, triggered, labels, FASHION_MNIST_CLASSES)
     return {"auroc": round(auroc(scores, triggered), 4),
             "tpr_at_1pct_fpr": round(tpr_at_fpr(scores, triggered, 0.01), 4),
             "threshold": threshold, "tpr_at_threshold": round(tpr, 4), "fpr_at_threshold": round(fpr, 4),

@@ -48,3 +48,17 @@ def rates_at_threshold(scores: np.ndarray, positive: np.ndarray, threshold: floa
     flagged = np.asarray(scores) > threshold
     positive = np.asarray(positive, bool)
     return float(flagged[positive].mean()), float(flagged[~positive].mean())
+
+
+def auroc_per_source_class(scores: np.ndarray, triggered: np.ndarray, labels: np.ndarray,
+                           class_names: tuple[str, ...]) -> dict[str, float]:
+    """AUROC of the triggered images of each source class against every clean image (rounded to 4 places):
+    where a look-alike source class hides from the score."""
+    scores, triggered, labels = np.asarray(scores), np.asarray(triggered, bool), np.asarray(labels)
+    per_class = {}
+    for c, name in enumerate(class_names):
+        source = triggered & (labels == c)
+        if source.any():
+            keep = source | ~triggered
+            per_class[name] = round(auroc(scores[keep], source[keep]), 4)
+    return per_class
