@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dedefilter import audit
 from dedefilter.attacks.registry import ATTACKS, PROBE_TRAIN, load_or_train
 from dedefilter.attacks.triggers import poison
 from dedefilter.calibration import for_false_positive_rate
@@ -36,7 +37,13 @@ from dedefilter.config import DeDeConfig
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist, photo_patches
 from dedefilter.detector import CheckpointError, Detector
 from dedefilter.encoders import Encoder, to_float
-from dedefilter.metrics import auprc, auroc, auroc_per_source_class, rates_at_threshold, tpr_at_fpr
+from dedefilter.metrics import (
+    auprc,
+    auroc,
+    auroc_per_source_class,
+    rates_at_threshold,
+    tpr_at_fpr,
+)
 from dedefilter.probe import train_linear_probe
 from dedefilter.training import train_model
 
@@ -45,10 +52,11 @@ from . import detection_methods as methods
 AUX_MODES = ("id-clean", "id-poisoned-1%", "ood-photos")
 BASELINES = ("l2-norm", "knn-density", "mask-consistency")
 VARIANTS = ("dede", "dede-mean8", "dede-embedding", "dede-differential", "dede+density", "dede+consistency",
-            "dede+density+consistency")
+            "dede+density+consistency", "dede+density+consistency+neighbours")
 MIN_ASR = 0.8  # an attack that does not work is not a test of a detector: listed, not evaluated
-# The variant of the downstream table and the must-show figures: one choice for every attack, not picked per attack.
-BEST = "dede+density"
+# The variant of the downstream table and the must-show figures: one choice for every attack, not picked per
+# attack (picked on the three patch attacks' results, see the README).
+BEST = "dede+density+consistency+neighbours"
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,8 @@ class BenchConfig:
     aux_poison_fraction: float = 0.01
     epochs: int = 10
     n_probe_train: int = 10_000
-    target_fpr: float = 0.01
+    target_fpr: float = 0.01  # the threshold_tpr / threshold_fpr columns
+    filter_fpr: float = 0.02  # the filter's threshold for the downstream figures: costs <= ~2 points of clean accuracy
     seed: int = 0
     device: str = "cpu"
     attack_dir: str = "benchmarks/attacks"
@@ -132,15 +141,26 @@ def get_detector(encoder: Encoder, attack: str, mode: str, trigger, target: int,
     return detector
 
 
-def detection_metrics(scores: np.ndarray, reference: np.ndarray, stream: Stream, target_fpr: float) -> dict:
+def detection_metrics(scores: np.ndarray, reference: np.ndarray, stream: Stream, config: BenchConfig) -> dict:
+    """Ranking metrics, rates at the 1%-FPR threshold, and ``_removed``: what the filter drops at its
+    ``filter_fpr`` threshold (popped by the caller)."""
     positive = stream.triggered
-    threshold = for_false_positive_rate(reference, target_fpr).value
+    threshold = for_false_positive_rate(reference, config.target_fpr).value
     tpr, fpr = rates_at_threshold(scores, positive, threshold)
     return {"auroc": round(auroc(scores, positive), 4), "auprc": round(auprc(scores, positive), 4),
             "tpr_at_1fpr": round(tpr_at_fpr(scores, positive, 0.01), 4),
             "threshold_tpr": round(tpr, 4), "threshold_fpr": round(fpr, 4),
             "per_class_auroc": auroc_per_source_class(scores, positive, stream.labels, FASHION_MNIST_CLASSES),
-            "_flagged": scores > threshold}
+            "_removed": scores > for_false_positive_rate(reference, config.filter_fpr).value}
+
+
+def with_audit(scores: np.ndarray, reference: np.ndarray, stream: Stream, embeddings: np.ndarray,
+               config: BenchConfig) -> np.ndarray:
+    """What the two-pass workflow removes: the filter's suspects, then `dedefilter audit` and
+    `select --cluster 0` (the largest flagged cluster's collapse region)."""
+    threshold = for_false_positive_rate(reference, config.filter_fpr).value
+    analysis = audit.analyse(audit.Scan.from_arrays(stream.keys, scores, threshold, embeddings))
+    return (scores > threshold) | (analysis.region == 0)
 
 
 def downstream(predicted: np.ndarray, stream: Stream, target: int, kept: np.ndarray | None = None) -> dict:
@@ -150,7 +170,9 @@ def downstream(predicted: np.ndarray, stream: Stream, target: int, kept: np.ndar
     clean, triggered = ~stream.triggered, stream.triggered
     correct = (predicted == stream.labels) & kept
     success = (predicted == target) & kept
-    return {"clean_accuracy": round(float(correct[clean].mean()), 4), "asr": round(float(success[triggered].mean()), 4)}
+    return {"clean_accuracy": round(float(correct[clean].mean()), 4), "asr": round(float(success[triggered].mean()), 4),
+            "dropped_triggered": round(float(1 - kept[triggered].mean()), 4),
+            "dropped_clean": round(float(1 - kept[clean].mean()), 4)}
 
 
 def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
@@ -183,7 +205,7 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
         "mask-consistency": (methods.masking_consistency(encoder, stream.pixels, device, config.seed),
                              methods.masking_consistency(encoder, stream.reference, device, config.seed + 1)),
     }
-    results = {"baselines": {m: detection_metrics(*scores[m], stream, config.target_fpr) for m in BASELINES}}
+    results = {"baselines": {m: detection_metrics(*scores[m], stream, config) for m in BASELINES}}
 
     x_train, y_train = fashion_mnist("train")
     probe_rows = np.arange(PROBE_TRAIN.start, PROBE_TRAIN.start + config.n_probe_train)
@@ -207,15 +229,19 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
         own["dede+consistency"] = methods.zscore_sum([own["dede"], scores["mask-consistency"]])
         own["dede+density+consistency"] = methods.zscore_sum(
             [own["dede"], scores["knn-density"], scores["mask-consistency"]])
+        own["dede+density+consistency+neighbours"] = methods.with_neighbours(
+            own["dede+density+consistency"], embeddings, reference_embeddings)
         mode_results = {}
         for variant in VARIANTS:
-            metrics = detection_metrics(*own[variant], stream, config.target_fpr)
-            metrics["downstream_filtered"] = downstream(predicted, stream, target, kept=~metrics.pop("_flagged"))
+            metrics = detection_metrics(*own[variant], stream, config)
+            metrics["downstream_filtered"] = downstream(predicted, stream, target, kept=~metrics.pop("_removed"))
             mode_results[variant] = metrics
+        removed = with_audit(*own["dede"], stream, embeddings, config)
+        mode_results["dede"]["downstream_with_audit"] = downstream(predicted, stream, target, kept=~removed)
         results[mode] = mode_results
         detector.model.cpu()
     for metrics in results["baselines"].values():
-        metrics.pop("_flagged")
+        metrics.pop("_removed")
     encoder.module.cpu()
     return described | {"results": results, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -276,17 +302,24 @@ def markdown(report: dict) -> str:
         base, value = _best_baseline(r)
         lines.append(f"| {name} | " + " | ".join(f"{r[m]['dede']['auroc']:.3f} / {r[m][BEST]['auroc']:.3f}"
                                                  for m in AUX_MODES) + f" | {base} {value:.3f} |")
-    lines += ["", f"## Downstream: linear probe on the attacked encoder, before / after the filter ({BEST}, "
-              "1%-poisoned aux, threshold at 1% FPR on the reference)", "",
-              "| attack | CA before | CA after | ASR before | ASR after | dropped triggered | dropped clean |",
-              "|---|---|---|---|---|---|---|"]
+    filter_fpr = meta["config"].get("filter_fpr", meta["config"]["target_fpr"])
+    lines += ["", "## Downstream: linear probe on the attacked encoder, before / after filtering (1%-poisoned aux)", "",
+              (f"The filter: {BEST} above its threshold at {filter_fpr:.0%} FPR on the clean reference. Two-pass: "
+               "the paper score's suspects at the same FPR, then `dedefilter audit` and `select --cluster 0` "
+               "(the largest flagged cluster's collapse region) on the stream's embeddings."), "",
+              ("| attack | CA before | ASR before | filter: CA / ASR after | dropped triggered / clean | "
+               "two-pass: CA / ASR after | dropped triggered / clean |"), "|---|---|---|---|---|---|---|"]
+
+    def after(d: dict) -> str:
+        return f"{d['clean_accuracy']:.3f} / {d['asr']:.3f} | {d['dropped_triggered']:.3f} / {d['dropped_clean']:.3f}"
+
     for name, attack in evaluated.items():
         r = attack["results"]
-        best = r["id-poisoned-1%"][BEST]
-        lines.append(f"| {name} | {r['downstream_unfiltered']['clean_accuracy']:.3f} | "
-                     f"{best['downstream_filtered']['clean_accuracy']:.3f} | {r['downstream_unfiltered']['asr']:.3f} | "
-                     f"{best['downstream_filtered']['asr']:.3f} | {best['threshold_tpr']:.3f} | "
-                     f"{best['threshold_fpr']:.3f} |")
+        before = r["downstream_unfiltered"]
+        two_pass = r["id-poisoned-1%"]["dede"].get("downstream_with_audit")
+        lines.append(f"| {name} | {before['clean_accuracy']:.3f} | {before['asr']:.3f} | "
+                     f"{after(r['id-poisoned-1%'][BEST]['downstream_filtered'])} | "
+                     f"{after(two_pass) if two_pass else '- | -'} |")
     lines += ["", "## AUROC per source class (1%-poisoned aux): paper score / " + BEST, ""]
     for name, attack in evaluated.items():
         r = attack["results"]["id-poisoned-1%"]

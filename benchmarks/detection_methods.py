@@ -52,16 +52,22 @@ def l2_norm(embeddings: np.ndarray) -> np.ndarray:
     return np.linalg.norm(embeddings, axis=1)
 
 
-def knn_density(stream: np.ndarray, queries: np.ndarray | None = None, k: int = KNN_K) -> np.ndarray:
-    """Minus the mean cosine distance to the k nearest stream embeddings (self excluded when
-    ``queries`` is None): high where embeddings crowd together, as triggered ones do around the target."""
+def nearest_in_stream(stream: np.ndarray, queries: np.ndarray | None = None,
+                      k: int = KNN_K) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities to, and ids of, the k nearest stream embeddings of each query (of each
+    stream embedding when ``queries`` is None, itself excluded)."""
     index = faiss.IndexFlatIP(stream.shape[1])
     index.add(np.ascontiguousarray(unit(stream), np.float32))
     if queries is None:
-        similarity, _ = index.search(np.ascontiguousarray(unit(stream), np.float32), k + 1)
-        similarity = similarity[:, 1:]
-    else:
-        similarity, _ = index.search(np.ascontiguousarray(unit(queries), np.float32), k)
+        similarity, ids = index.search(np.ascontiguousarray(unit(stream), np.float32), k + 1)
+        return similarity[:, 1:], ids[:, 1:]
+    return index.search(np.ascontiguousarray(unit(queries), np.float32), k)
+
+
+def knn_density(stream: np.ndarray, queries: np.ndarray | None = None, k: int = KNN_K) -> np.ndarray:
+    """Minus the mean cosine distance to the k nearest stream embeddings: high where embeddings crowd
+    together, as triggered ones do around the target."""
+    similarity, _ = nearest_in_stream(stream, queries, k)
     return -(1 - similarity).mean(1)
 
 
@@ -149,6 +155,20 @@ class DeDeVariants:
             return own - self._error(batch, blurred, self._no_visible(batch))
 
         return over_batches(score, pixels, self.device)
+
+
+def with_neighbours(scores: tuple[np.ndarray, np.ndarray], stream: np.ndarray, reference: np.ndarray,
+                    k: int = KNN_K) -> tuple[np.ndarray, np.ndarray]:
+    """A score plus its mean over the sample's k nearest stream embeddings (a reference image's
+    neighbours are stream images too, so it is calibrated like a clean stream image).
+
+    A backdoored encoder maps triggered images onto one target embedding, so a triggered image's
+    neighbours are triggered and its noisy pixel error is averaged with theirs; a clean image that is
+    merely hard to reconstruct has clean neighbours."""
+    own, own_reference = scores
+    _, ids = nearest_in_stream(stream, None, k)
+    _, reference_ids = nearest_in_stream(stream, reference, k)
+    return own + own[ids].mean(1), own_reference + own[reference_ids].mean(1)
 
 
 def zscore_sum(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ Side by side in one run, over the same WebDataset shards of real Fashion-MNIST i
 with new keys for large counts), each configuration in a fresh subprocess so memory peaks do not mix:
 
   a  decode-only loader       shards -> decode -> batch (in the DataLoader workers)
-  b  + encoder embedding      ... -> the encoder's forward pass on each whole batch
+  b  + encoder embedding      ... -> the encoder's forward pass (in the Scorer's fixed-size chunks)
   c  + the full DeDe stage    ``filter_shards``: decode -> encoder + DeDe model -> decide -> Parquet
   e  (c) with bf16            the same, the DeDe model under bfloat16 autocast (Scorer precision="bf16")
   d  the official loop        workers decode, the main process runs the encoder and the DeDe model
@@ -63,6 +63,7 @@ from dedefilter.encoders import embed_array, to_float
 from dedefilter.masking import random_visible
 from dedefilter.metrics import auroc
 from dedefilter.model import DeDeModel, patchify
+from dedefilter.scoring import CHUNK, CUDA_CHUNK
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched
 from dedefilter.training import masked_patch_mse, train_model, training_precision
@@ -70,6 +71,9 @@ from dedefilter.training import masked_patch_mse, train_model, training_precisio
 ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar"}
 MODES = ("a", "b", "c", "e", "d")  # e: (c) with the DeDe model under bf16 autocast
 MiB = 2 ** 20
+# Reading a process's PSS (/proc/PID/smaps_rollup) stalls it: sampled every 50 ms, the reads slowed
+# (c) by 24% and (b) by 18% (ResNet-18, 2 workers); every 0.5 s they cost a few percent.
+SAMPLE_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class Plan:
     memory: tuple[int, int] = (10_000, 100_000)  # the --memory streaming run
 
 
-FULL = Plan(samples={"demo": 2048, "resnet18": 512}, growth=(2048, 8192), train_images={"demo": 1024, "resnet18": 512})
+FULL = Plan(samples={"demo": 4096, "resnet18": 2048}, growth=(2048, 8192), train_images={"demo": 1024, "resnet18": 512})
 QUICK = Plan(samples={"demo": 1024, "resnet18": 256}, workers=(0, 2), growth=(1024, 4096),
              train_images={"demo": 512, "resnet18": 256}, train_rounds=1)
 # One short GPU run (< 4 minutes): its shards (2,048 and 8,192 samples, 45 MB) are built on the CPU
@@ -135,10 +139,14 @@ def decoded_batches(samples: Iterable[dict], batch_size: int) -> Iterator[torch.
 
 
 def embedded_batches(batches: Iterable[torch.Tensor], encoder, device: str) -> Iterator[torch.Tensor]:
-    """(b): the encoder's forward pass on each whole batch (placed on the device inside the worker)."""
+    """(b): the encoder's forward pass on each batch, in the fixed-size chunks the Scorer runs it in (placed
+    on the device inside the worker). On a CPU, chunks of 16 run ResNet-18 1.3x faster than whole batches
+    of 256, so this is the stricter floor for (c)/(b)."""
     encoder.module.to(device)
+    chunk = CUDA_CHUNK if device == "cuda" else CHUNK
     for images in batches:
-        yield encoder.embed(to_float(images).to(device)).cpu()
+        pixels = to_float(images).to(device)
+        yield torch.cat([encoder.embed(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)]).cpu()
 
 
 def tensor_batches(samples: Iterable[dict], batch_size: int) -> Iterator[torch.Tensor]:
@@ -167,7 +175,7 @@ def run_loader(config: dict) -> dict:
     torch.manual_seed(0)
     encoder = load_encoder(ENCODERS[config["encoder"]])
     count = 0
-    with PeakSampler() as memory, tempfile.TemporaryDirectory() as tmp:
+    with PeakSampler(SAMPLE_EVERY_S) as memory, tempfile.TemporaryDirectory() as tmp:
         start, cpu_start = time.perf_counter(), cpu_seconds()
         if mode == "a":
             for images in loader(shard_pipeline(urls, lambda s: decoded_batches(s, batch)), workers):
@@ -426,6 +434,10 @@ def loader_verdicts(loaders: dict, where: str = "") -> list[tuple[str, str, bool
         pairs.setdefault((row["encoder"], row["workers"], row["batch"]), {})[row["mode"]] = row
     ratios = [p["c"]["seconds"] / p["d"]["seconds"] * p["d"]["samples"] / p["c"]["samples"] for p in pairs.values()
               if "c" in p and "d" in p]
+    at_must = pairs.get(("resnet18", must["workers"], must["batch"]), {})
+    if "c" in at_must and "d" in at_must:
+        ratio = at_must["c"]["seconds"] / at_must["d"]["seconds"]
+        out.append((f"(c) at least as fast as (d), {setting}", f"(c)/(d) time {ratio:.2f}", ratio <= 1.0))
     out.append((f"(c) at least as fast as (d), every configuration{where}",
                 f"(c)/(d) time from {min(ratios):.2f} to {max(ratios):.2f}", max(ratios) <= 1.0))
     kind = "cuda_peak_mib" if all("cuda_peak_mib" in g for g in loaders["growth"]) else "peak_pss_mib"
@@ -500,7 +512,7 @@ def render(results: dict) -> str:
              "Timing uses a paper-size DeDe model (dim 192, 12 + 4 layers) with its seeded initial weights "
              "(no ResNet-18 detector is trained here; the compute does not depend on the weights) and a "
              "threshold that keeps every sample. Memory: peak over the process tree (main + workers), "
-             "sampled every 50 ms; RSS counts shared pages once per process, PSS splits them. "
+             f"sampled every {SAMPLE_EVERY_S} s; RSS counts shared pages once per process, PSS splits them. "
              "Ratios are of seconds for the same samples, measured side by side in one run."), "",
              "## Must show", "", "| claim | measured | holds |", "|---|---|---|"]
     for claim, figure, ok in verdicts(results):

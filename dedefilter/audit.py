@@ -78,6 +78,14 @@ class Scan:
     def __len__(self) -> int:
         return len(self.score)
 
+    @classmethod
+    def from_arrays(cls, keys: list[str], scores: np.ndarray, threshold: float, embeddings: np.ndarray) -> Scan:
+        """Scores held in memory (one run's, no Parquet), as a filter with ``threshold`` would have written them."""
+        suspect = np.asarray(scores) > threshold
+        return cls(pa.array(keys, pa.string()), [], np.full(len(keys), -1, np.int32),
+                   np.asarray(scores, np.float32), suspect.astype(np.int8), suspect, [float(threshold)],
+                   np.ascontiguousarray(embeddings, np.float32), np.ones(len(keys), bool), {})
+
 
 def _dataset(path: str | Path) -> ds.Dataset:
     path = Path(path)

@@ -18,6 +18,7 @@ class Threshold:
     method: str  # "fpr", "contamination" or "fixed"
     parameter: float | None = None
     n_reference: int = 0
+    precision: str | None = None  # the DeDe model's precision when the scores were computed; None: not measured
 
     def suspects(self, scores: np.ndarray) -> np.ndarray:
         return scores > self.value

@@ -20,6 +20,7 @@ from .data import DataUnavailable, fashion_mnist, photo_patches
 from .detector import CheckpointError, Detector
 from .encoders import load_encoder
 from .job import JobInterrupted
+from .scoring import PRECISIONS, Scorer
 
 
 def image_source(spec: str, count: int, seed: int) -> np.ndarray:
@@ -98,8 +99,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .scoring import Scorer
-
     if args.value is not None:
         detector = Detector.load(args.detector)
         threshold = calibration.fixed(args.value)
@@ -109,9 +108,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         encoder = load_encoder(args.encoder)
         detector = Detector.load(args.detector, encoder.fingerprint)
         images = image_source(args.reference, args.n_reference, args.seed)
-        scores = Scorer(encoder, detector).score_array(images, [f"reference-{i}" for i in range(len(images))])
+        scorer = Scorer(encoder, detector, precision=args.precision)
+        scores = scorer.score_array(images, [f"reference-{i}" for i in range(len(images))])
         threshold = (calibration.for_false_positive_rate(scores, args.fpr) if args.fpr is not None
                      else calibration.for_contamination(scores, args.contamination))
+        threshold = replace(threshold, precision=args.precision)
     detector.with_threshold(threshold).save(args.out or args.detector)
     print(f"threshold {json.dumps(threshold.to_dict())} saved to {args.out or args.detector}")
 
@@ -120,20 +121,21 @@ def cmd_filter(args: argparse.Namespace) -> int:
     import braceexpand
 
     from .job import filter_shards
-    from .scoring import Scorer
     from .stage import StageConfig
 
     encoder = load_encoder(args.encoder)
     detector = Detector.load(args.detector, encoder.fingerprint)
     threshold = calibration.fixed(args.threshold) if args.threshold is not None else None
+    stored = detector.threshold.precision if detector.threshold and threshold is None else None
+    scorer = Scorer(encoder, detector, precision=args.precision or stored or "fp32")
     urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
     stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate, store_embeddings=args.embeddings)
     if args.engine == "ray":
         if args.resume:
             raise ValueError("--resume is for the local engine; on Ray, run pipelines/ray_filter.py with "
                              "--slice-shards (docs/SCALE.md)")
-        return filter_on_ray(urls, Scorer(encoder, detector), threshold, stage, args)
-    result = filter_shards(urls, Scorer(encoder, detector), args.out, threshold, stage, num_workers=args.workers,
+        return filter_on_ray(urls, scorer, threshold, stage, args)
+    result = filter_shards(urls, scorer, args.out, threshold, stage, num_workers=args.workers,
                            write_shards=not args.no_shards, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
                       "samples": result.markers["samples"], **result.ledger, "shards": result.shards,
@@ -257,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--fpr", type=float, help="target false-positive rate on clean reference images")
     how.add_argument("--contamination", type=float, help="expected poisoned fraction of the reference images")
     how.add_argument("--value", type=float, help="a fixed threshold")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the DeDe model's precision for the reference scores; filter then runs at the same one")
     p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("filter", help="stream shards through the filter: filtered shards + Parquet scores")
@@ -274,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs each actor reserves (ray engine); leave some for the read tasks")
     p.add_argument("--annotate", action="store_true", help="pass suspects on (flagged) instead of dropping them")
     p.add_argument("--no-shards", action="store_true", help="write Parquet scores only")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the DeDe model's precision (default: the one the stored threshold was calibrated at, "
+                        "else fp32); bf16 is ~2.5x faster on CPUs with native bf16")
     p.add_argument("--embeddings", action="store_true",
                    help="store each sample's encoder embedding in Parquet (for `dedefilter audit`)")
     again = p.add_mutually_exclusive_group()

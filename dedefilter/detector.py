@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -36,9 +37,10 @@ class Detector:
     def config(self) -> DeDeConfig:
         return self.model.config
 
-    @property
+    @cached_property
     def model_id(self) -> str:
-        """Identifies the weights and the threshold, so every Parquet row says which cut made it."""
+        """Identifies the weights and the encoder they were trained for, so every Parquet row says which
+        model scored it. Hashed once (28 MB at the paper's size): a detector's weights are frozen."""
         digest = hashlib.sha256(self.encoder_fingerprint.encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())

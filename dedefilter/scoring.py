@@ -24,6 +24,7 @@ from .training import masked_patch_mse
 # A GPU needs larger chunks to be busy; its scores are reproducible per device and chunk size.
 CHUNK = 16
 CUDA_CHUNK = 256
+PRECISIONS = ("fp32", "bf16")  # of the DeDe model; the encoder always runs in fp32
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Scorer:
         self.encoder = encoder
         self.detector = detector
         self.config = detector.config
-        if precision not in ("fp32", "bf16"):
+        if precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
         self.precision = precision
         self.device = torch.device(device)

@@ -112,6 +112,10 @@ class DeDeFilter:
         threshold = threshold or scorer.detector.threshold
         if threshold is None:
             raise ValueError("no threshold: calibrate the detector (`dedefilter calibrate`) or pass one")
+        if threshold.precision not in (None, scorer.precision):
+            raise ValueError(f"the threshold was calibrated on {threshold.precision} scores but the scorer runs in "
+                             f"{scorer.precision}: bf16 scores differ from fp32 ones by rounding; calibrate with the "
+                             "same precision (`dedefilter calibrate --precision`)")
         self.scorer = scorer
         self.threshold = threshold
         self.config = config

@@ -10,6 +10,8 @@ import pytest
 
 from dedefilter.audit import (
     AuditConfig,
+    Scan,
+    analyse,
     audit,
     labels_from_shards,
     select_keys,
@@ -92,6 +94,17 @@ def test_planted_collapse_is_found_ranked_first_and_grown_to_its_unflagged_rest(
     assert set(keys[(a.cluster == -1) & result.data.suspect]) == false_positives
     assert result.summary["isolated_suspects"] == 10
     assert np.isnan(a.collapse[np.char.find(keys, "err") >= 0]).all()
+
+
+def test_scores_held_in_memory_give_the_same_regions_as_their_parquet(planted):
+    scores, labels, _ = planted
+    written = audit(scores, AuditConfig(), labels)
+    data = written.data
+    scored = data.status != 2  # the arrays hold what was scored: no error rows
+    in_memory = analyse(Scan.from_arrays(np.array(data.keys.to_pylist())[scored].tolist(), data.score[scored], 0.5,
+                                         data.embeddings[scored]))
+    assert (in_memory.region == written.analysis.region[scored]).all()
+    assert (in_memory.cluster == written.analysis.cluster[scored]).all()
 
 
 def test_ivf_index_finds_the_same_collapse(planted):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.dataset as ds
 
 from dedefilter.cli import main
@@ -49,3 +50,26 @@ def test_shards_command_writes_fashion_mnist_with_planted_triggers(tmp_path):
     meta = [json.loads(s["json"]) for s in samples]
     triggered = [m for m in meta if m["triggered"]]
     assert len(triggered) == 6 and all(m["label"] != 1 for m in triggered)  # never the target class
+
+
+def test_a_threshold_calibrated_in_bf16_makes_filter_score_in_bf16(tmp_path, detector, shards, capsys):
+    det = str(tmp_path / "det.pt")
+    detector.save(det)
+    assert main(["calibrate", "--detector", det, "--encoder", "fmnist-badencoder", "--n-reference", "200",
+                 "--fpr", "0.05", "--precision", "bf16"]) == 0
+    threshold = json.loads(capsys.readouterr().out.split(" saved to ")[0].removeprefix("threshold "))
+    assert threshold["precision"] == "bf16"
+
+    def run(out: str, *flags: str) -> int:
+        return main(["filter", *shards, "--encoder", "fmnist-badencoder", "--detector", det, "--out",
+                     str(tmp_path / out), "--workers", "0", "--no-shards", *flags])
+
+    def scores(out: str) -> np.ndarray:
+        return ds.dataset(str(tmp_path / out / "parquet")).to_table().sort_by("key")["score"].to_numpy()
+
+    assert run("bf16") == 0  # no flag: the stored threshold's precision
+    assert run("mismatch", "--precision", "fp32") == 2
+    assert "calibrated on bf16 scores but the scorer runs in fp32" in capsys.readouterr().err
+    assert run("fp32", "--precision", "fp32", "--threshold", str(threshold["value"])) == 0
+    np.testing.assert_allclose(scores("bf16"), scores("fp32"), rtol=0.03)
+    assert not np.array_equal(scores("bf16"), scores("fp32"))

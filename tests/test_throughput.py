@@ -75,11 +75,14 @@ def test_verdicts_fail_when_the_filter_costs_too_much():
     must = {"encoder": "resnet18", "workers": 2, "batch": 256, "c_over_b_rounds": [1.5, 1.4, 1.6],
             "c_over_b_median": 1.5, "e_over_b_rounds": [1.1, 1.2, 1.0], "e_over_b_median": 1.1}
     row = {"encoder": "resnet18", "workers": 2, "batch": 256, "samples": 100}
-    rows = [row | {"mode": "c", "seconds": 10.0}, row | {"mode": "d", "seconds": 8.0}]
+    one_worker = row | {"workers": 1}
+    rows = [row | {"mode": "c", "seconds": 6.0}, row | {"mode": "d", "seconds": 8.0},  # faster where it counts
+            one_worker | {"mode": "c", "seconds": 10.0}, one_worker | {"mode": "d", "seconds": 8.0}]
     growth = [{"mode": m, "samples": n, "peak_pss_mib": p} for m, n, p in
               (("c", 10, 500), ("c", 40, 510), ("d", 10, 500), ("d", 40, 900))]
     holds = [ok for _, _, ok in verdicts({"loader": {"must_show": must, "rows": rows, "growth": growth}})]
-    assert holds == [False, True, False, True]
+    # (c)/(b) fp32, (e)/(b) bf16, (c) vs (d) at the must-show setting, (c) vs (d) everywhere, memory growth
+    assert holds == [False, True, True, False, True]
 
 
 def test_bf16_scores_are_close_to_fp32_and_the_same_in_any_batch_layout(encoder, detector, fmnist_test):
