@@ -19,14 +19,7 @@ import numpy as np
 import torch
 
 from dedefilter.config import DeDeConfig
-from dedefilter.model import DeDeModel, patchify
-
-
-def unpatchify(patches: torch.Tensor, patch: int, size: int) -> torch.Tensor:
-    """(B, N, 3 * patch * patch) -> (B, 3, size, size), the inverse of :func:`dedefilter.model.patchify`."""
-    b, grid = patches.shape[0], size // patch
-    x = patches.reshape(b, grid, grid, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, 3, size, size)
+from dedefilter.model import DeDeModel, patchify, unpatchify
 
 
 def shuffled_visible(batch: int, n_patches: int, n_visible: int) -> torch.Tensor:
@@ -59,9 +52,9 @@ def official_errors(batches: Iterable[torch.Tensor], embed: Callable[[torch.Tens
         features = embed(images)
         patches = patchify(images, config.patch_size)
         shown = visible(len(images)).to(device)
-        predicted = unpatchify(model(patches, features, shown), config.patch_size, config.image_size)
+        predicted = unpatchify(model(patches, features, shown), config.patch_size)
         masked = torch.ones(patches.shape[:2], device=device).scatter_(1, shown, 0.0)
-        mask = unpatchify(masked.unsqueeze(-1).expand_as(patches), config.patch_size, config.image_size)
+        mask = unpatchify(masked.unsqueeze(-1).expand_as(patches), config.patch_size)
         predicted = predicted * mask + images * (1 - mask)
         grids.append(torch.cat([images * (1 - mask), predicted, images]))
         for i in range(images.shape[0]):

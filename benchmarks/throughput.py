@@ -63,7 +63,7 @@ from dedefilter.encoders import embed_array, to_float
 from dedefilter.masking import random_visible
 from dedefilter.metrics import auroc
 from dedefilter.model import DeDeModel, patchify
-from dedefilter.scoring import CHUNK, CUDA_CHUNK
+from dedefilter.scoring import chunk_size
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched
 from dedefilter.training import masked_patch_mse, train_model, training_precision
@@ -143,7 +143,7 @@ def embedded_batches(batches: Iterable[torch.Tensor], encoder, device: str) -> I
     on the device inside the worker). On a CPU, chunks of 16 run ResNet-18 1.3x faster than whole batches
     of 256, so this is the stricter floor for (c)/(b)."""
     encoder.module.to(device)
-    chunk = CUDA_CHUNK if device == "cuda" else CHUNK
+    chunk = chunk_size(device)
     for images in batches:
         pixels = to_float(images).to(device)
         yield torch.cat([encoder.embed(pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)]).cpu()
@@ -414,6 +414,14 @@ def memory_section(plan: Plan, root: Path, device: str, mode: str) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def by_configuration(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """The loader rows as {(encoder, workers, batch): {mode: row}}."""
+    pairs: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        pairs.setdefault((row["encoder"], row["workers"], row["batch"]), {})[row["mode"]] = row
+    return pairs
+
+
 def loader_verdicts(loaders: dict, where: str = "") -> list[tuple[str, str, bool]]:
     must = loaders["must_show"]
     setting = f"ResNet-18 CIFAR stem, batch {must['batch']}, {must['workers']} workers{where}"
@@ -429,9 +437,7 @@ def loader_verdicts(loaders: dict, where: str = "") -> list[tuple[str, str, bool
             out.append((f"the same in CPU seconds (main + workers; robust to other load), ({mode})/(b){where}",
                         f"median ({mode})/(b) = {median:.2f} over rounds {must[f'{mode}_over_b_cpu_rounds']}",
                         median <= 1.3))
-    pairs = {}
-    for row in loaders["rows"]:
-        pairs.setdefault((row["encoder"], row["workers"], row["batch"]), {})[row["mode"]] = row
+    pairs = by_configuration(loaders["rows"])
     ratios = [p["c"]["seconds"] / p["d"]["seconds"] * p["d"]["samples"] / p["c"]["samples"] for p in pairs.values()
               if "c" in p and "d" in p]
     at_must = pairs.get(("resnet18", must["workers"], must["batch"]), {})
@@ -486,9 +492,7 @@ def loader_lines(loaders: dict, title: str) -> list[str]:
               "| (d) official loop | (c)/(b) time | (e)/(b) time | (c)/(d) time | (c)/(b) CPU | (e)/(b) CPU "
               "| (c)/(d) CPU | PSS a / b / c / e / d |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    pairs = {}
-    for row in loaders["rows"]:
-        pairs.setdefault((row["encoder"], row["workers"], row["batch"]), {})[row["mode"]] = row
+    pairs = by_configuration(loaders["rows"])
     for (name, workers, batch), p in pairs.items():
         rate = {mode: p[mode]["samples_per_s"] for mode in MODES}
         lines.append(f"| {name} | {workers} | {batch} | " + " | ".join(f"{rate[mode]:.0f}" for mode in MODES)

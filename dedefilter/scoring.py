@@ -27,6 +27,11 @@ CUDA_CHUNK = 256
 PRECISIONS = ("fp32", "bf16")  # of the DeDe model; the encoder always runs in fp32
 
 
+def chunk_size(device: str | torch.device) -> int:
+    """Samples per model call on ``device``."""
+    return CUDA_CHUNK if torch.device(device).type == "cuda" else CHUNK
+
+
 @dataclass
 class ScoredBatch:
     scores: np.ndarray  # (B,) float32
@@ -63,10 +68,10 @@ class Scorer:
         self.detector = detector
         self.config = detector.config
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+            raise ValueError(f"precision must be {' or '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
         self.device = torch.device(device)
-        self.chunk = CUDA_CHUNK if self.device.type == "cuda" else CHUNK
+        self.chunk = chunk_size(self.device)
         self._placed = self.device.type == "cpu"
 
     def _place(self) -> None:

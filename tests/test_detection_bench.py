@@ -8,7 +8,6 @@ import torch
 from benchmarks import detection_methods as methods
 from benchmarks.detection import BenchConfig, Stream, detection_metrics, downstream
 from dedefilter.metrics import auprc
-from dedefilter.model import patchify, unpatchify
 
 
 def test_auprc_of_known_rankings():
@@ -16,11 +15,6 @@ def test_auprc_of_known_rankings():
     assert auprc(np.array([4, 3, 2, 1]), positive) == (1 / 1 + 2 / 3) / 2
     assert auprc(np.array([1, 2, 3, 4]), positive) == (1 / 2 + 2 / 4) / 2
     assert auprc(np.array([1, 1, 1, 1]), positive) == (1 / 3 + 2 / 4) / 2  # ties: negatives first
-
-
-def test_unpatchify_inverts_patchify():
-    images = torch.rand(2, 3, 32, 32)
-    assert torch.equal(unpatchify(patchify(images, 4), 4), images)
 
 
 def test_knn_density_ranks_a_collapsed_group_first():

@@ -11,18 +11,18 @@ import pytest
 import torch
 from conftest import SMALL
 
-from benchmarks.official_loop import official_errors, shuffled_visible, unpatchify
+from benchmarks.official_loop import official_errors, shuffled_visible
 from benchmarks.procmem import PeakSampler
 from benchmarks.throughput import run_loader, verdicts
 from dedefilter import Detector, Scorer
 from dedefilter.encoders import to_float
 from dedefilter.masking import key_seeds, keyed_visible
-from dedefilter.model import DeDeModel, patchify
+from dedefilter.model import DeDeModel, patchify, unpatchify
 
 
 def test_unpatchify_inverts_patchify(fmnist_test):
     pixels = to_float(fmnist_test[0][:4])
-    assert torch.equal(unpatchify(patchify(pixels, 4), 4, 32), pixels)
+    assert torch.equal(unpatchify(patchify(pixels, 4), 4), pixels)
 
 
 def test_official_loop_error_is_the_scorer_score_times_the_masked_pixel_count(scorer, fmnist_test):
