@@ -4,7 +4,8 @@ Baselines need no training: the embedding's L2 norm, kNN density of the embeddin
 set (triggered images collapse onto the attack's target embedding), and a masking-consistency score in
 the spirit of BackdoorIDS (a backdoor holds under masking, so triggered embeddings barely drift).
 DeDe variants use a trained detector: the paper's masked pixel error, its mean over K masks, an
-embedding-space consistency score, a differential score, and z-score combinations with the baselines.
+embedding-space consistency score, a differential score, a spectral score of the reconstruction
+residuals, and z-score combinations with the baselines.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ KNN_K = 10
 MASK_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)  # progressive masking for the consistency baseline
 MASK_VIEWS = 2  # random masks per ratio
 SCORE_MASKS = 8  # K of the "mean over K masks" variant
+SPECTRAL_K = 3  # principal directions of the stream's residuals in the spectral score
 
 
 @torch.inference_mode()
@@ -117,6 +119,16 @@ class DeDeVariants:
         return over_batches(lambda b, _: self._error(b, self.encoder.embed(b), self._no_visible(b)),
                             pixels, self.device)
 
+    def residuals(self, pixels: torch.Tensor) -> np.ndarray:
+        """(N, C*S*S) image minus its reconstruction in the paper's setting (the paper score is their mean square)."""
+
+        def residual(batch: torch.Tensor, _: slice) -> torch.Tensor:
+            patches = patchify(batch, self.config.patch_size)
+            predicted = self.model(patches, self.encoder.embed(batch), self._no_visible(batch))
+            return (batch - unpatchify(predicted, self.config.patch_size)).flatten(1)
+
+        return over_batches(residual, pixels, self.device)
+
     def mean_over_masks(self, pixels: torch.Tensor, keys: list[str]) -> np.ndarray:
         """Mean masked MSE over K key-seeded masks at the training ratio 0.9 (6 patches visible)."""
         seeds = key_seeds(keys, self.config.seed)
@@ -169,6 +181,22 @@ def with_neighbours(scores: tuple[np.ndarray, np.ndarray], stream: np.ndarray, r
     _, ids = nearest_in_stream(stream, None, k)
     _, reference_ids = nearest_in_stream(stream, reference, k)
     return own + own[ids].mean(1), own_reference + own[reference_ids].mean(1)
+
+
+def residual_spectrum(stream: np.ndarray, reference: np.ndarray,
+                      k: int = SPECTRAL_K) -> tuple[np.ndarray, np.ndarray]:
+    """Log energy of each residual in the top-k principal directions of the stream's residuals, centred
+    on the clean reference's mean residual, each direction scaled by its spread over the reference.
+
+    The decoder never draws a trigger (the embedding describes the target, not the patch or the noise),
+    so every triggered image leaves the same pattern in its residual at the same place; when enough of
+    the stream is triggered that shared pattern is a top direction (spectral signatures, Tran et al.
+    2018), while a clean residual's error is spread over many directions."""
+    centre = reference.mean(0)
+    _, _, directions = np.linalg.svd(stream - centre, full_matrices=False)
+    stream_projection, reference_projection = ((x - centre) @ directions[:k].T for x in (stream, reference))
+    spread = reference_projection.std(0) + 1e-12
+    return tuple(np.log(((p / spread) ** 2).sum(1) + 1e-6) for p in (stream_projection, reference_projection))
 
 
 def zscore_sum(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,8 +6,14 @@ import numpy as np
 import torch
 
 from benchmarks import detection_methods as methods
-from benchmarks.detection import BenchConfig, Stream, detection_metrics, downstream
-from dedefilter.metrics import auprc
+from benchmarks.detection import (
+    BenchConfig,
+    Stream,
+    by_poison_share,
+    detection_metrics,
+    downstream,
+)
+from dedefilter.metrics import auprc, auroc
 
 
 def test_auprc_of_known_rankings():
@@ -61,3 +67,31 @@ def test_neighbours_lift_an_attacks_quiet_members_above_a_loud_clean_outlier():
     stream_scores, reference_scores = methods.with_neighbours((own, rng.uniform(0, 1, 50)),
                                                               np.concatenate([clean, collapsed]), reference, k=10)
     assert (stream_scores[215:] > stream_scores[0]).all() and (stream_scores[215:] > reference_scores.max()).all()
+
+
+def test_residual_spectrum_finds_a_pattern_many_residuals_share():
+    rng = np.random.default_rng(0)
+    clean, reference = rng.normal(size=(400, 64)), rng.normal(size=(200, 64))
+    pattern = np.zeros(64)
+    pattern[:4] = 2.0  # a small trigger: a few pixels the decoder never draws, the same in every triggered image
+    triggered = rng.normal(size=(80, 64)) + pattern
+    stream_scores, reference_scores = methods.residual_spectrum(np.concatenate([clean, triggered]), reference, k=1)
+    assert auroc(stream_scores, np.r_[np.zeros(400, bool), np.ones(80, bool)]) > 0.95
+    assert np.mean(stream_scores[:400] > np.quantile(reference_scores, 0.99)) < 0.05  # calibrated on clean
+
+
+def test_poison_share_streams_keep_every_clean_image_and_the_share_of_triggered():
+    rng = np.random.default_rng(0)
+    n_clean, n_triggered = 297, 60
+    triggered = np.r_[np.zeros(n_clean, bool), np.ones(n_triggered, bool)]
+    stream = Stream(torch.zeros(len(triggered), 3, 4, 4), [str(i) for i in range(len(triggered))], triggered,
+                    rng.integers(0, 10, len(triggered)), torch.zeros(50, 3, 4, 4), [f"r{i}" for i in range(50)])
+
+    def pair(dim: int) -> tuple[np.ndarray, np.ndarray]:  # (stream, reference) embeddings or residuals
+        return rng.normal(size=(len(triggered), dim)).astype(np.float32), rng.normal(size=(50, dim)).astype(np.float32)
+
+    scores = (rng.normal(size=len(triggered)) + 3 * triggered, rng.normal(size=50))
+    shares = by_poison_share(scores, (rng.normal(size=len(triggered)), rng.normal(size=50)), pair(8), pair(16),
+                             rng.integers(0, 10, len(triggered)), stream, 0, BenchConfig())
+    assert {share: row["n_triggered"] for share, row in shares.items()} == {"1%": 3, "3%": 9}
+    assert shares["3%"]["dede"]["auroc"] > 0.9  # the per-sample score still separates the few triggered ones
