@@ -222,17 +222,19 @@ def by_poison_share(dede: Pair, consistency: Pair, embeddings: Pair, residuals: 
         scores = {"dede": (dede[0][rows], dede[1])} | stream_level(
             (dede[0][rows], dede[1]), (consistency[0][rows], consistency[1]),
             (embeddings[0][rows], embeddings[1]), (residuals[0][rows], residuals[1]))
-        out[f"{share:.0%}"] = {"n_triggered": n} | {variant: _share_metrics(scores[variant], sub, predicted[rows],
-                                                                              target, config)
-                                                    for variant in ("dede", BEST)}
+        row = {"n_triggered": n}
+        for variant in ("dede", BEST):
+            metrics = filter_metrics(scores[variant], sub, predicted[rows], target, config)
+            row[variant] = {key: metrics[key] for key in ("auroc", "tpr_at_1fpr", "downstream_filtered")}
+        out[f"{share:.0%}"] = row
     return out
 
 
-def _share_metrics(scores: Pair, stream: Stream, predicted: np.ndarray, target: int, config: BenchConfig) -> dict:
+def filter_metrics(scores: Pair, stream: Stream, predicted: np.ndarray, target: int, config: BenchConfig) -> dict:
+    """:func:`detection_metrics` plus the probe's CA/ASR on what the filter keeps at its threshold."""
     metrics = detection_metrics(*scores, stream, config)
-    kept = ~metrics.pop("_removed")
-    return {"auroc": metrics["auroc"], "tpr_at_1fpr": metrics["tpr_at_1fpr"],
-            "downstream_filtered": downstream(predicted, stream, target, kept=kept)}
+    metrics["downstream_filtered"] = downstream(predicted, stream, target, kept=~metrics.pop("_removed"))
+    return metrics
 
 
 def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
@@ -289,9 +291,7 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
         own |= stream_level(own["dede"], scores["mask-consistency"], (embeddings, reference_embeddings), residuals)
         mode_results = {}
         for variant in VARIANTS:
-            metrics = detection_metrics(*own[variant], stream, config)
-            metrics["downstream_filtered"] = downstream(predicted, stream, target, kept=~metrics.pop("_removed"))
-            mode_results[variant] = metrics
+            mode_results[variant] = filter_metrics(own[variant], stream, predicted, target, config)
         removed = with_audit(*own["dede"], stream, embeddings, config)
         mode_results["dede"]["downstream_with_audit"] = downstream(predicted, stream, target, kept=~removed)
         if mode == "id-poisoned-1%":
