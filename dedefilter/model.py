@@ -1,5 +1,6 @@
 """The DeDe model: an MAE-style ViT that reconstructs an image from a few visible patches and the
-frozen encoder's embedding, which replaces the class token (linear projection, no bias)."""
+frozen encoder's embedding, which replaces the class token (linear projection, no bias), and its loss
+(:func:`masked_patch_mse`), which training minimises and scoring reports."""
 
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int = 3) -> torch.Te
     side = int(round(n ** 0.5))
     x = patches.reshape(b, side, side, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, channels, side * patch, side * patch)
+
+
+def masked_patch_mse(predicted: torch.Tensor, patches: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE over the masked patches only (the visible ones are pasted back when scoring)."""
+    masked = torch.ones(patches.shape[:2], dtype=patches.dtype, device=patches.device).scatter_(1, visible, 0.0)
+    per_patch = (predicted - patches).square().mean(-1)
+    return (per_patch * masked).sum(1) / masked.sum(1)
 
 
 class DeDeModel(nn.Module):

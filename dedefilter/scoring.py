@@ -15,8 +15,7 @@ import torch
 from .detector import CheckpointError, Detector
 from .encoders import Encoder, to_float
 from .masking import key_seeds, keyed_visible
-from .model import patchify
-from .training import masked_patch_mse
+from .model import masked_patch_mse, patchify
 
 # The models run on fixed-shape, contiguous chunks: CPU kernels pick different code paths (and float
 # rounding) for other shapes and memory layouts, and a sample's score must be bit-identical whatever

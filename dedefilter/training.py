@@ -15,14 +15,7 @@ import torch
 from .config import DeDeConfig
 from .encoders import Encoder, embed_array, to_float
 from .masking import random_visible
-from .model import DeDeModel, patchify
-
-
-def masked_patch_mse(predicted: torch.Tensor, patches: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Per-sample MSE over the masked patches only (the visible ones are pasted back when scoring)."""
-    masked = torch.ones(patches.shape[:2], dtype=patches.dtype, device=patches.device).scatter_(1, visible, 0.0)
-    per_patch = (predicted - patches).square().mean(-1)
-    return (per_patch * masked).sum(1) / masked.sum(1)
+from .model import DeDeModel, masked_patch_mse, patchify
 
 
 def training_precision(requested: str, device: str = "cpu") -> str:
