@@ -39,7 +39,7 @@ from .markers import (
 )
 from .scoring import Scorer
 from .shards import read_shard
-from .stage import Counters, DeDeFilter, StageConfig, batched
+from .stage import Counters, DeDeFilter, StageConfig
 
 PR_SET_PDEATHSIG = 1
 
@@ -129,21 +129,19 @@ class ShardWork:
                 read += 1
                 yield sample
 
-        sink = self.stage._open_sink(layout.part_name(index))
+        recorder = self.stage.recorder(layout.part_name(index))
         temp_tar = hidden_temp(layout.tar(index))
         writer = wds.TarWriter(str(temp_tar)) if self.write_shards else None
         passed = 0
-        for batch in batched(counted(read_shard(url)), config.batch_size):
-            for sample in self.stage._filter(batch, sink):
-                passed += 1
-                if writer is not None:
-                    writer.write({k: v for k, v in sample.items()
-                                  if k == "__key__" or not (k.startswith("__") or k in internal)})
+        for sample in self.stage(counted(read_shard(url)), recorder):  # publishes the part at the shard's end
+            passed += 1
+            if writer is not None:
+                writer.write({k: v for k, v in sample.items()
+                              if k == "__key__" or not (k.startswith("__") or k in internal)})
         if writer is not None:
             writer.close()
             os.replace(temp_tar, layout.tar(index))
-        sink.close()
-        stats = {"url": url, "index": index, "samples": read, "rows": sink.rows, "passed_on": passed,
+        stats = {"url": url, "index": index, "samples": read, "rows": recorder.rows, "passed_on": passed,
                  **part_counts(layout.part(index)), "seconds": round(time.perf_counter() - start, 3)}
         write_json_atomically(layout.marker(index), stats)
         return stats

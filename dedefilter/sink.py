@@ -2,12 +2,15 @@
 
 A writer (rank, DataLoader worker) writes ``.part-*.parquet.tmp`` — hidden, so ``pyarrow.dataset``
 readers never see it — in row groups of ``row_group_size``, and renames it to ``part-*.parquet`` on
-close. Memory stays bounded by one row group whatever the run's length.
+:meth:`ParquetSink.close`, which its owner calls only once its input ended; a writer stopped early
+(a ``break``, an error) :meth:`~ParquetSink.abort` s instead, so no partial part is ever published.
+Memory stays bounded by one row group whatever the run's length.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
 COLUMNS = [
     pa.field("key", pa.string()),
     pa.field("url", pa.string()),
@@ -24,7 +28,7 @@ COLUMNS = [
     pa.field("suspect", pa.bool_()),
     pa.field("kept", pa.bool_()),
     pa.field("status", pa.string()),  # "kept", "dropped" or "error"
-    pa.field("reason", pa.string()),  # why a sample is an error; null otherwise
+    pa.field("reason", pa.string()),  # why a sample is an error or was dropped; null when kept
     pa.field("model_id", pa.string()),
 ]
 
@@ -78,13 +82,42 @@ def writer_name(rank: int, worker: int) -> str:
     return f"part-r{rank:05d}-w{worker:03d}"
 
 
+def part_path(directory: Path, name: str) -> Path:
+    return directory / f"{name}.parquet"
+
+
+def temp_path(directory: Path, name: str) -> Path:
+    return directory / f".{name}.parquet.tmp"
+
+
+def claim_pass(directory: str | Path, stem: str) -> str:
+    """``{stem}-p{n:04d}`` for the first pass ``n`` whose part is neither published nor being written.
+
+    The name is claimed by creating its hidden temporary file exclusively, so a second pass over the
+    input (the next epoch, or another run into the same directory) never overwrites an earlier pass's part.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        name = f"{stem}-p{n:04d}"
+        n += 1
+        try:
+            os.close(os.open(temp_path(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:  # another writer's pass in progress, or a killed one's leftover
+            continue
+        if not part_path(directory, name).exists():  # checked after the claim: a publish cannot slip in between
+            return name
+        temp_path(directory, name).unlink()
+
+
 class ParquetSink:
     def __init__(self, directory: str | Path, name: str, model_id: str, threshold: float,
                  metadata: dict | None = None, row_group_size: int = 65_536, embed_dim: int | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.final_path = self.directory / f"{name}.parquet"
-        self.temp_path = self.directory / f".{name}.parquet.tmp"
+        self.final_path = part_path(self.directory, name)
+        self.temp_path = temp_path(self.directory, name)
         self.model_id = model_id
         self.threshold = np.float32(threshold)
         self.row_group_size = row_group_size
@@ -119,7 +152,7 @@ class ParquetSink:
             self._pending, self._pending_rows = [], 0
 
     def close(self) -> Path:
-        """Flush, close and publish the part file under its final name."""
+        """Flush, close and publish the part file under its final name: call it once the input ended."""
         if self._writer is not None:
             self._flush()
             self._writer.close()
@@ -127,8 +160,28 @@ class ParquetSink:
             os.replace(self.temp_path, self.final_path)
         return self.final_path
 
+    def abort(self, why: str) -> None:
+        """Discard the unpublished part (its hidden temporary file): the input did not end, so its rows
+        are not the whole input's, and a reader must not mistake them for it."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self.temp_path.unlink(missing_ok=True)
+            log.warning("%s not published, %d rows discarded: %s", self.final_path, self.rows, why)
+
     def __enter__(self) -> ParquetSink:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, _traceback) -> None:
+        """Publish when the block ended normally; abort on an exception (``GeneratorExit`` included)."""
+        if kind is None:
+            self.close()
+        else:
+            self.abort(stop_reason(kind, error))
+
+
+def stop_reason(kind: type[BaseException], error: BaseException | None) -> str:
+    """Why a writer stopped before its input ended, for the log."""
+    if issubclass(kind, GeneratorExit):
+        return "the consumer stopped before the input ended (a break, islice, with_epoch, or garbage collection)"
+    return f"{kind.__name__}: {error}"

@@ -1,18 +1,22 @@
 """The filter as a pipeline stage: decode -> batch -> score -> decide -> record -> pass on.
 
-:class:`DeDeFilter` is a plain generator stage ``samples -> samples`` for ``wds.DataPipeline`` and
-``.compose()``; :meth:`DeDeFilter.filter_batches` does the same for an existing DataLoader or iterable
-of image batches. Every sample that enters is either yielded, or recorded as ``dropped`` (with its
-score) or as ``error`` (with the reason) in the Parquet sink, one part file per (rank, worker).
+The core is pure: :meth:`DeDeFilter.process` decides one batch of samples (an :class:`Outcome`, which
+the Ray engine uses as is) and :meth:`DeDeFilter.filter_batch` adds the samples to pass on. Recording
+sits at the edge (:class:`Recorder`: counters and the Parquet sink), so a ``break``, an error or a
+second epoch never publishes or overwrites a part. :class:`DeDeFilter` is a plain generator stage
+``samples -> samples`` for ``wds.DataPipeline`` and ``.compose()``; :meth:`DeDeFilter.filter_batches`
+does the same for an existing DataLoader of image batches. Every sample that enters is either passed
+on, or recorded as ``dropped`` or ``error``, each with its reason.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from itertools import islice
+from types import TracebackType
 
 import numpy as np
 import torch
@@ -20,12 +24,15 @@ from webdataset.utils import pytorch_worker_info
 
 from .calibration import Threshold
 from .data import decode_image
+from .encoders import to_float
 from .scoring import Scorer
-from .sink import ParquetSink, writer_name
+from .sink import ParquetSink, claim_pass, writer_name
 
 log = logging.getLogger(__name__)
 NON_FINITE = "non-finite score (the encoder or the DeDe model produced NaN or inf)"
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
+# Every decision's reason, as datatrove counts them: "<status>_<reason>".
+REASONS = ("dropped_above_threshold", "error_input", "error_non_finite_score")
 
 
 @dataclass(frozen=True)
@@ -42,19 +49,19 @@ class StageConfig:
 
 @dataclass
 class Decision:
-    """What happens to each scored sample of a batch."""
+    """What happens to each scored sample of a batch, and why unless it is kept."""
 
     suspect: np.ndarray
     passed: np.ndarray
     status: list[str]
-    reasons: list[str | None]
+    reasons: list[str | None]  # "score 0.31 > threshold 0.08" for a drop, NON_FINITE for an error
 
 
 @dataclass
 class Outcome:
     """One batch after decode -> score -> decide; every sample is in ``scored`` or ``failed``."""
 
-    scored: list[dict]
+    scored: list[dict]  # the samples (for DataLoader batches: ``{"__key__": key}``)
     failed: list[tuple[dict, str]]  # (sample, reason): unreadable, no image, undecodable
     scores: np.ndarray  # (len(scored),)
     embeddings: np.ndarray | None  # (len(scored), D)
@@ -75,6 +82,25 @@ class Outcome:
             "embeddings": self.embeddings,
         }
 
+    def counts(self) -> dict[str, int]:
+        """Samples kept, and dropped or failed per reason (:data:`REASONS`)."""
+        finite = np.isfinite(self.scores)
+        kept = int(self.decision.passed.sum())
+        return {"kept": kept, "dropped_above_threshold": int(finite.sum()) - kept,
+                "error_input": len(self.failed), "error_non_finite_score": int((~finite).sum())}
+
+    def passed_on(self, score_field: str, suspect_field: str) -> list[dict]:
+        """The samples to pass on, each annotated with its score and suspect flag."""
+        passed = []
+        decisions = zip(self.scored, self.scores.tolist(), self.decision.suspect.tolist(),
+                        self.decision.passed.tolist(), strict=True)
+        for sample, score, is_suspect, ok in decisions:
+            if ok:
+                sample[score_field] = score
+                sample[suspect_field] = is_suspect
+                passed.append(sample)
+        return passed
+
 
 def writer_identity() -> tuple[int, int]:
     """(rank, DataLoader worker id) of the calling process, as ``wds.split_by_node`` / ``split_by_worker`` see
@@ -90,20 +116,60 @@ def batched(iterable: Iterable, size: int) -> Iterator[list]:
 
 
 class Counters:
-    """kept / dropped / error totals shared by all DataLoader workers (forked shared memory), for progress."""
+    """Samples kept, and dropped / failed per reason, shared by all DataLoader workers (forked shared
+    memory), for progress."""
 
-    names = ("kept", "dropped", "error")
+    names = ("kept", *REASONS)
 
     def __init__(self):
         self._values = multiprocessing.Array("q", len(self.names))
 
-    def add(self, kept: int, dropped: int, error: int) -> None:
+    def add(self, counts: Mapping[str, int]) -> None:
         with self._values.get_lock():
-            for i, n in enumerate((kept, dropped, error)):
-                self._values[i] += n
+            for i, name in enumerate(self.names):
+                self._values[i] += counts[name]
+
+    def by_reason(self) -> dict[str, int]:
+        """``kept`` and ``<status>_<reason>`` counts, datatrove style."""
+        return dict(zip(self.names, self._values[:], strict=True))
 
     def snapshot(self) -> dict[str, int]:
-        return dict(zip(self.names, self._values[:]))
+        """Samples per status: kept, dropped, error."""
+        counts = self.by_reason()
+        return {status: sum(n for name, n in counts.items() if name.split("_")[0] == status)
+                for status in ("kept", "dropped", "error")}
+
+
+class Recorder:
+    """The stage's edge: counts each batch's outcome and writes its rows to one Parquet part.
+
+    A ``with`` block: the part is published when the block ends normally (the input ended) and
+    aborted when it ends by an exception, which includes the ``GeneratorExit`` a generator stage gets
+    when its consumer stops early (``break``, ``islice``, ``with_epoch``).
+    """
+
+    def __init__(self, sink: ParquetSink | None, counters: Counters | None):
+        self.sink = sink
+        self.counters = counters
+
+    @property
+    def rows(self) -> int:
+        """Rows written to the part so far."""
+        return self.sink.rows if self.sink is not None else 0
+
+    def record(self, outcome: Outcome) -> None:
+        if self.sink is not None:
+            self.sink.write(**outcome.rows())
+        if self.counters is not None:
+            self.counters.add(outcome.counts())
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self.sink is not None:
+            self.sink.__exit__(kind, error, traceback)
 
 
 class DeDeFilter:
@@ -133,22 +199,25 @@ class DeDeFilter:
                 "encoder": detector.encoder_name, "encoder_fingerprint": detector.encoder_fingerprint,
                 "model_id": detector.model_id, "stage": asdict(self.config)}
 
-    def _open_sink(self, name: str | None = None) -> ParquetSink | None:
-        """The part file ``name`` (default: one per rank and DataLoader worker) in ``parquet_dir``."""
-        if self.config.parquet_dir is None:
-            return None
-        return ParquetSink(self.config.parquet_dir, name or writer_name(*writer_identity()),
-                           self.scorer.detector.model_id, self.threshold.value, self.metadata(),
-                           self.config.row_group_size, self.embed_dim)
+    def recorder(self, part: str | None = None) -> Recorder:
+        """Where one pass over an input records: the part file ``part`` in ``parquet_dir`` (default: the
+        calling rank and DataLoader worker's next free pass, ``part-r{rank}-w{worker}-p{pass}``, so a
+        second epoch never overwrites the first's part), and the counters."""
+        sink = None
+        if self.config.parquet_dir is not None:
+            name = part or claim_pass(self.config.parquet_dir, writer_name(*writer_identity()))
+            sink = ParquetSink(self.config.parquet_dir, name, self.scorer.detector.model_id, self.threshold.value,
+                               self.metadata(), self.config.row_group_size, self.embed_dim)
+        return Recorder(sink, self.counters)
 
-    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        sink = self._open_sink()
-        try:
+    def __call__(self, samples: Iterable[dict], recorder: Recorder | None = None) -> Iterator[dict]:
+        """Filter a stream of samples, recording every one in ``recorder`` (default: :meth:`recorder`),
+        whose part is published once ``samples`` ends, and only then."""
+        with recorder or self.recorder() as record:
             for batch in batched(samples, self.config.batch_size):
-                yield from self._filter(batch, sink)
-        finally:
-            if sink is not None:
-                sink.close()
+                passed, outcome = self.filter_batch(batch)
+                record.record(outcome)
+                yield from passed
 
     def _decode(self, sample: dict) -> np.ndarray:
         if "__error__" in sample:
@@ -166,8 +235,18 @@ class DeDeFilter:
         suspect = self.threshold.suspects(scores) & finite
         passed = finite & ~(suspect & self.config.drop)
         status = np.where(passed, "kept", np.where(finite, "dropped", "error")).tolist()
-        reasons = [None if ok else NON_FINITE for ok in finite.tolist()]
-        return Decision(suspect, passed, status, reasons)
+        reasons = np.where(finite, None, NON_FINITE).astype(object)
+        dropped = finite & ~passed
+        threshold = np.float32(self.threshold.value)  # as the Parquet threshold column stores it
+        reasons[dropped] = [f"score {score} > threshold {threshold}" for score in scores[dropped]]
+        return Decision(suspect, passed, status, reasons.tolist())
+
+    def _score(self, scored: list[dict], failed: list[tuple[dict, str]], pixels: torch.Tensor | None) -> Outcome:
+        scores, embeddings = np.empty(0, np.float32), None
+        if scored:
+            result = self.scorer.score_pixels(pixels, [s["__key__"] for s in scored])
+            scores, embeddings = result.scores, result.embeddings
+        return Outcome(scored, failed, scores, embeddings, self._decide(scores))
 
     def process(self, batch: list[dict]) -> Outcome:
         """Decode, score and decide one batch of samples: the engine-independent core of the stage."""
@@ -179,58 +258,44 @@ class DeDeFilter:
             except ValueError as err:
                 failed.append((sample, str(err)))
                 log.warning("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
-        scores, embeddings = np.empty(0, np.float32), None
-        if scored:
-            result = self.scorer.score(np.stack(images), [s["__key__"] for s in scored])
-            scores, embeddings = result.scores, result.embeddings
-        return Outcome(scored, failed, scores, embeddings, self._decide(scores))
+        return self._score(scored, failed, to_float(np.stack(images)) if images else None)
 
-    def _filter(self, batch: list[dict], sink: ParquetSink | None) -> Iterator[dict]:
+    def filter_batch(self, batch: list[dict]) -> tuple[list[dict], Outcome]:
+        """The samples of ``batch`` to pass on (annotated with score and suspect flag), and the outcome that
+        records every sample of it: the one batch filter that the stage, the filter job and engines share."""
         outcome = self.process(batch)
-        decision = outcome.decision
-        if sink is not None:
-            sink.write(**outcome.rows())
-        if self.counters is not None:
-            self.counters.add(decision.status.count("kept"), decision.status.count("dropped"),
-                              decision.status.count("error") + len(outcome.failed))
-        decisions = zip(outcome.scored, outcome.scores.tolist(), decision.suspect.tolist(), decision.passed.tolist(),
-                        strict=True)
-        for sample, score, is_suspect, ok in decisions:
-            if ok:
-                sample[self.config.score_field] = score
-                sample[self.config.suspect_field] = is_suspect
-                yield sample
+        return outcome.passed_on(self.config.score_field, self.config.suspect_field), outcome
 
-    def filter_batches(self, batches: Iterable, image_index: int | str = 0) -> Iterator:
-        """Wrap an existing DataLoader or iterable of batches of float images (B, 3, S, S) in [0, 1].
+    def filter_batches(self, batches: Iterable, image_index: int | str = 0, key_index: int | str = "__key__") -> Iterator:
+        """Wrap an existing DataLoader (or any iterable) of image batches.
 
-        A batch is a tuple/list (images at ``image_index``) or a dict (images under ``image_index``,
-        optional ``"__key__"`` list). Suspects are removed from every tensor/list in the batch (drop
-        mode) or the batch gains ``score``/``suspect`` tensors (annotate mode: appended to a tuple,
-        added as ``dede_score``/``dede_suspect`` to a dict). Samples without keys are keyed by their
-        position in the stream, so scores are reproducible when the order is.
+        A batch is a tuple/list or a dict. Its images, at ``image_index``, are (B, 3, S, S): float in
+        [0, 1], or uint8 in 0-255, which is converted to [0, 1] (divided by 255, as shards are decoded).
+        Anything else (floats outside [0, 1], NaN, other dtypes) is refused with a ValueError: the
+        detector was trained on [0, 1] images and would score the rest as suspects.
+
+        Each sample's key is at ``key_index``: a dict's ``"__key__"`` list by default; for a tuple batch,
+        the position of a list of strings or a tensor of integer ids (e.g. the dataset index, returned by
+        the Dataset with each item). A key seeds the sample's score masks and names its Parquet row, so it
+        must travel with the sample through any shuffling; batches without keys are refused.
+
+        Suspects are removed from every tensor/list in the batch (drop mode) or the batch gains
+        ``score``/``suspect`` tensors (annotate mode: appended to a tuple, added as ``dede_score``/
+        ``dede_suspect`` to a dict). The Parquet part of a pass is published when ``batches`` ends.
         """
-        sink = self._open_sink()
-        seen = 0
-        try:
-            for batch in batches:
-                images = batch[image_index]
-                n = images.shape[0]
-                keys = list(batch.get("__key__", [])) if isinstance(batch, dict) else []
-                keys = keys or [str(i) for i in range(seen, seen + n)]
-                seen += n
-                result = self.scorer.score_pixels(images.float(), keys)
-                scores = result.scores
-                decision = self._decide(scores)
-                if sink is not None:
-                    sink.write(keys, [None] * n, scores, decision.suspect, decision.status, decision.reasons,
-                               result.embeddings)
-                yield self._select(batch, decision.passed, scores, decision.suspect)
-        finally:
-            if sink is not None:
-                sink.close()
+        with self.recorder() as record:
+            for number, batch in enumerate(batches):
+                keys = batch_keys(batch, key_index, f"batch {number}")
+                pixels = unit_pixels(batch[image_index], f"batch {number} (first key {keys[0]!r})")
+                if len(pixels) != len(keys):
+                    raise ValueError(f"batch {number} (first key {keys[0]!r}) has {len(pixels)} images but "
+                                     f"{len(keys)} keys at key_index={key_index!r}")
+                outcome = self._score([{"__key__": key} for key in keys], [], pixels)
+                record.record(outcome)
+                yield self._select(batch, outcome)
 
-    def _select(self, batch, passed: np.ndarray, scores: np.ndarray, suspect: np.ndarray):
+    def _select(self, batch, outcome: Outcome):
+        passed, scores, suspect = outcome.decision.passed, outcome.scores, outcome.decision.suspect
         index = torch.from_numpy(np.flatnonzero(passed))
 
         def take(value):
@@ -248,3 +313,46 @@ class DeDeFilter:
             return selected
         selected = [take(value) for value in batch]
         return tuple(selected) + (extra if not self.config.drop else ())
+
+
+def batch_keys(batch, key_index: int | str, where: str) -> list[str]:
+    """The keys of a DataLoader batch, as strings (integer ids become their decimal form)."""
+    try:
+        keys = batch[key_index]
+    except (KeyError, IndexError, TypeError):
+        keys = None
+    if keys is None:
+        raise ValueError(f"{where} has no keys at key_index={key_index!r}: a dict batch needs a '__key__' list, a "
+                         "tuple batch the position of its keys (e.g. return the dataset index with each item and "
+                         "pass key_index=2 for (image, label, index)); keys seed the scores and name the Parquet "
+                         "rows, so positions in a shuffled stream would mean nothing")
+    keys = keys.tolist() if isinstance(keys, torch.Tensor | np.ndarray) else list(keys)
+    wrong = next((key for key in keys if not isinstance(key, str | int) or isinstance(key, bool)), None)
+    if wrong is not None:
+        raise ValueError(f"{where}: keys at key_index={key_index!r} must be strings or integer ids, found "
+                         f"{type(wrong).__name__} {wrong!r}")
+    return [str(key) for key in keys]
+
+
+def unit_pixels(images, where: str) -> torch.Tensor:
+    """Float images in [0, 1] from a DataLoader batch; uint8 ones are divided by 255, anything else refused.
+
+    One pass of ``aminmax`` over the batch: NaN and out-of-range values are caught before they score.
+    """
+    images = torch.as_tensor(images)
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)  # the shard path's conversion (encoders.to_float): the same scores
+    if not images.is_floating_point():
+        raise ValueError(f"{where}: images are {images.dtype}; the filter takes float images in [0, 1] or uint8 "
+                         "images in 0-255")
+    images = images.float()
+    if images.numel():
+        low, high = torch.aminmax(images)
+        if not bool((low >= 0) & (high <= 1)):  # NaN fails both
+            non_finite = int((~torch.isfinite(images)).sum())
+            found = (f"{non_finite} pixel values are NaN or infinite" if non_finite else
+                     f"pixel values range from {float(low):.4g} to {float(high):.4g}")
+            raise ValueError(f"{where}: {found}, but the filter takes float images in [0, 1] (or uint8 in 0-255): "
+                             "divide 0-255 floats by 255, map [-1, 1] with (x + 1) / 2, filter before "
+                             "Normalize(), or clamp(0, 1) an interpolation's overshoot")
+    return images

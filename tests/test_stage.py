@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 
 from dedefilter import DeDeFilter, StageConfig, filter_shards, ledger
+from dedefilter.data import encode_png
 from dedefilter.shards import shard_pipeline
 
 
@@ -46,27 +47,29 @@ def test_every_key_once_and_kept_rows_equal_yielded_samples(tmp_path, scorer, sh
     assert all(row["score"] > row["threshold"] and row["suspect"] for row in dropped)
 
 
-def test_annotate_mode_keeps_every_field_and_adds_the_score(scorer, shards):
+def test_annotate_mode_keeps_every_field_and_adds_the_score(scorer, shards, shard_data):
+    images, _, keys = shard_data
     stage = DeDeFilter(scorer, config=StageConfig(batch_size=32, drop=False))
     samples = list(shard_pipeline(shards, stage))
-    assert len(samples) == 300
+    assert sorted(s["__key__"] for s in samples) == keys
     first = samples[0]
     assert {"png", "cls", "json", "__key__", "__url__", "dede_score", "dede_suspect"} <= set(first)
     assert json.loads(first["json"]) == {"index": int(first["__key__"].split("-")[1])}
-    suspects = [s for s in samples if s["dede_suspect"]]
-    assert 0 < len(suspects) < 300
-    assert all(s["dede_score"] > scorer.detector.threshold.value for s in suspects)
+    expected = dict(zip(keys, scorer.score(images, keys).scores.tolist(), strict=True))
+    assert {s["__key__"]: s["dede_score"] for s in samples} == expected
+    threshold = scorer.detector.threshold.value
+    assert [s["dede_suspect"] for s in samples] == [s["dede_score"] > threshold for s in samples]
+    assert 0 < sum(s["dede_suspect"] for s in samples) < 300
 
 
 def test_stage_runs_on_in_memory_samples_with_compose(scorer, shard_data):
-    from dedefilter.data import encode_png
-
     images, _, keys = shard_data
     samples = [{"__key__": k, "png": encode_png(im), "txt": f"caption {k}"} for k, im in zip(keys[:50], images)]
     stage = DeDeFilter(scorer, config=StageConfig(batch_size=16, drop=False))
     out = list(wds.DataPipeline(lambda: iter(samples)).compose(stage))
     assert [s["__key__"] for s in out] == keys[:50]
-    assert out[3]["txt"] == f"caption {keys[3]}"
+    assert [s["txt"] for s in out] == [f"caption {k}" for k in keys[:50]]
+    assert [s["dede_score"] for s in out] == scorer.score(images[:50], keys[:50]).scores.tolist()
 
 
 def truncate_last_member(path) -> str:
@@ -94,13 +97,19 @@ def test_truncated_member_and_undecodable_image_become_error_rows(tmp_path, scor
     assert counts["kept"] + counts["dropped"] == 299  # every readable sample of all shards was scored
 
 
+def pixels_of(images: np.ndarray) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float in [0, 1], as ``ToTensor()`` gives them."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
 def test_dataloader_wrapper_drops_suspects_from_every_batch_field(scorer, shard_data):
     images, labels, _ = shard_data
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(pixels, torch.from_numpy(labels)), batch_size=64)
+    pixels = pixels_of(images)
+    dataset = torch.utils.data.TensorDataset(pixels, torch.from_numpy(labels), torch.arange(300))  # index = key
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
     expected = scorer.score(images, [str(i) for i in range(300)]).scores <= scorer.detector.threshold.value
-    filtered = list(DeDeFilter(scorer).filter_batches(loader))
+    assert 0 < expected.sum() < 300
+    filtered = list(DeDeFilter(scorer).filter_batches(loader, key_index=2))
     kept_images = torch.cat([batch[0] for batch in filtered])
     kept_labels = torch.cat([batch[1] for batch in filtered])
     assert torch.equal(kept_images, pixels[torch.from_numpy(expected)])
@@ -109,17 +118,16 @@ def test_dataloader_wrapper_drops_suspects_from_every_batch_field(scorer, shard_
 
 def test_dataloader_wrapper_annotates_and_records(tmp_path, scorer, shard_data):
     images, labels, keys = shard_data
-    pixels = torch.from_numpy(images[:40]).permute(0, 3, 1, 2).float() / 255
+    pixels = pixels_of(images[:40])
     batches = [{"image": pixels[i:i + 16], "label": labels[:40][i:i + 16].tolist(), "__key__": keys[:40][i:i + 16]}
                for i in range(0, 40, 16)]
     config = StageConfig(drop=False, parquet_dir=str(tmp_path / "pq"))
     out = list(DeDeFilter(scorer, config=config).filter_batches(batches, image_index="image"))
-    assert [len(b["label"]) for b in out] == [16, 16, 8]
-    scores = torch.cat([b["dede_score"] for b in out]).numpy()
+    assert sum((b["label"] for b in out), []) == labels[:40].tolist()
+    expected = scorer.score(images[:40], keys[:40]).scores
+    assert np.array_equal(torch.cat([b["dede_score"] for b in out]).numpy(), expected)
     rows = read_rows(tmp_path / "pq")
-    assert [r["key"] for r in rows] == sorted(keys[:40])
-    by_key = {r["key"]: r["score"] for r in rows}
-    assert np.allclose([by_key[k] for k in keys[:40]], scores)
+    assert [(r["key"], r["score"]) for r in rows] == sorted(zip(keys[:40], expected.tolist(), strict=True))
 
 
 def test_a_missing_shard_is_one_error_row_and_the_rest_runs(tmp_path, scorer, shards):
