@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pytest
 import torch
 import webdataset as wds
 
 from dedefilter import DeDeFilter, StageConfig, filter_shards, ledger
 from dedefilter.data import encode_png
 from dedefilter.shards import shard_pipeline
+from dedefilter.stage import Counters
 
 
 def read_rows(parquet_dir) -> list[dict]:
@@ -151,3 +154,113 @@ def test_embeddings_are_stored_on_request_and_null_for_errors(tmp_path, scorer, 
     assert rows.pop(None) is None  # the missing shard's error row
     expected = scorer.score(images[:5], keys[:5]).embeddings
     assert np.array_equal(np.array([rows[k] for k in keys[:5]], np.float32), expected)
+
+
+# --- DataLoader batches: the images' range and the samples' keys are checked, never guessed -------------
+
+def keyed_batches(images: np.ndarray, keys: list[str], size: int = 16) -> list[dict]:
+    return [{"image": pixels_of(images[i:i + size]), "__key__": keys[i:i + size]} for i in range(0, len(keys), size)]
+
+
+@pytest.mark.parametrize(("scale", "found"), [
+    (lambda x: x * 255, "pixel values range from 0 to 255"),  # ToTensor() forgotten
+    (lambda x: x * 2 - 1, "pixel values range from -1 to 1"),  # Normalize((0.5,), (0.5,)) applied first
+    (lambda x: x.index_fill(0, torch.tensor([3]), float("nan")), "3072 pixel values are NaN or infinite"),
+])
+def test_filter_batches_refuses_images_outside_0_1_and_names_the_batch(tmp_path, scorer, shard_data, scale, found):
+    images, _, keys = shard_data
+    batches = keyed_batches(images[:32], keys[:32])
+    batches[1]["image"] = scale(batches[1]["image"])
+    stage = DeDeFilter(scorer, config=StageConfig(parquet_dir=str(tmp_path / "pq")))
+    with pytest.raises(ValueError, match=re.escape(f"batch 1 (first key 'img-0016'): {found}")):
+        list(stage.filter_batches(batches, image_index="image"))
+    assert list((tmp_path / "pq").iterdir()) == []  # and the first batch's rows are not published as a whole pass
+
+
+def test_filter_batches_scores_uint8_images_as_the_shard_path_does(scorer, shard_data):
+    images, _, keys = shard_data
+    batch = {"image": torch.from_numpy(images[:32]).permute(0, 3, 1, 2), "__key__": keys[:32]}  # PILToTensor()'s
+    (out,) = DeDeFilter(scorer, config=StageConfig(drop=False)).filter_batches([batch], image_index="image")
+    assert out["dede_score"].tolist() == scorer.score(images[:32], keys[:32]).scores.tolist()
+
+
+def test_filter_batches_records_each_samples_own_key_through_a_shuffling_loader(tmp_path, scorer, shard_data):
+    images, _, keys = shard_data
+    dataset = list(zip(pixels_of(images[:64]), keys[:64], strict=True))  # a Dataset of (image, key)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    stage = DeDeFilter(scorer, config=StageConfig(drop=False, parquet_dir=str(tmp_path / "pq")))
+    passed = list(stage.filter_batches(loader, key_index=1))
+    expected = dict(zip(keys[:64], scorer.score(images[:64], keys[:64]).scores.tolist(), strict=True))
+    assert {r["key"]: r["score"] for r in read_rows(tmp_path / "pq")} == expected
+    assert {k: s for batch in passed for k, s in zip(batch[1], batch[2].tolist(), strict=True)} == expected
+    assert [batch[1] for batch in passed] != [keys[i:i + 16] for i in range(0, 64, 16)]  # it did shuffle
+
+
+def test_filter_batches_refuses_batches_without_keys(scorer, shard_data):
+    images, labels, _ = shard_data
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(pixels_of(images[:32]), torch.from_numpy(labels[:32])), batch_size=16)
+    with pytest.raises(ValueError, match=r"batch 0 has no keys at key_index='__key__'.*key_index=2"):
+        next(DeDeFilter(scorer).filter_batches(loader))
+
+
+# --- the Parquet part of a pass: published whole or not at all, and never over another pass's -----------
+
+def test_a_pass_stopped_early_publishes_no_part(tmp_path, scorer, shard_data, caplog):
+    images, _, keys = shard_data
+    samples = [{"__key__": k, "png": encode_png(im)} for k, im in zip(keys[:48], images, strict=False)]
+    stage = DeDeFilter(scorer, config=StageConfig(batch_size=16, drop=False, parquet_dir=str(tmp_path / "pq")))
+    for n, _ in enumerate(stage(samples)):
+        if n == 20:  # within the second batch: 32 rows recorded
+            break
+    assert list((tmp_path / "pq").iterdir()) == []  # neither a part nor its hidden temporary file
+    assert "part-r00000-w000-p0000.parquet not published, 32 rows discarded: the consumer stopped" in caplog.text
+
+
+def test_an_error_mid_pass_publishes_no_part(tmp_path, scorer, shard_data, caplog):
+    images, _, keys = shard_data
+
+    def failing_loader():
+        yield from keyed_batches(images[:32], keys[:32])
+        raise OSError("the loader's disk went away")
+
+    stage = DeDeFilter(scorer, config=StageConfig(parquet_dir=str(tmp_path / "pq")))
+    with pytest.raises(OSError, match="disk went away"):
+        list(stage.filter_batches(failing_loader(), image_index="image"))
+    assert list((tmp_path / "pq").iterdir()) == []
+    assert "32 rows discarded: OSError: the loader's disk went away" in caplog.text
+
+
+def test_each_epoch_of_a_worker_publishes_its_own_part(tmp_path, scorer, shards, shard_data):
+    stage = DeDeFilter(scorer, config=StageConfig(parquet_dir=str(tmp_path / "pq")))
+    loader = wds.WebLoader(shard_pipeline(shards, stage), batch_size=None, num_workers=2)
+    for _epoch in range(2):  # each epoch forks new workers: the pass number comes from the directory
+        for _ in loader:
+            pass
+    parts = sorted(path.name for path in (tmp_path / "pq").iterdir())
+    assert parts == [f"part-r00000-w{w:03d}-p{p:04d}.parquet" for w in (0, 1) for p in (0, 1)]
+    for epoch in ("p0000", "p0001"):
+        epoch_rows = ds.dataset([str(tmp_path / "pq" / name) for name in parts if epoch in name]).to_table()
+        assert sorted(epoch_rows["key"].to_pylist()) == shard_data[2]
+
+
+# --- every decision carries a reason, counted per reason ----------------------------------------------
+
+def test_every_drop_carries_its_score_and_the_threshold_and_is_counted_by_reason(tmp_path, scorer, shard_data):
+    images, _, keys = shard_data
+    samples = [{"__key__": k, "png": encode_png(im)} for k, im in zip(keys[:64], images, strict=False)]
+    samples.append({"__key__": "no-image", "txt": b"a caption without its image"})
+    counters = Counters()
+    stage = DeDeFilter(scorer, config=StageConfig(parquet_dir=str(tmp_path / "pq")), counters=counters)
+    passed = list(stage(samples))
+    rows = read_rows(tmp_path / "pq")
+    dropped = [row for row in rows if row["status"] == "dropped"]
+    assert dropped
+    for row in dropped:  # e.g. "score 0.2143 > threshold 0.16463083": both exact float32 values
+        score, threshold = re.fullmatch(r"score (\S+) > threshold (\S+)", row["reason"]).groups()
+        assert (np.float32(score), np.float32(threshold)) == (np.float32(row["score"]), np.float32(row["threshold"]))
+    assert [row["reason"] for row in rows if row["status"] == "kept"] == [None] * len(passed)
+    assert counters.by_reason() == {"kept": len(passed), "dropped_above_threshold": len(dropped),
+                                    "error_input": 1, "error_non_finite_score": 0}
+    assert counters.snapshot() == {"kept": len(passed), "dropped": len(dropped), "error": 1}
