@@ -266,7 +266,8 @@ class DeDeFilter:
         outcome = self.process(batch)
         return outcome.passed_on(self.config.score_field, self.config.suspect_field), outcome
 
-    def filter_batches(self, batches: Iterable, image_index: int | str = 0, key_index: int | str = "__key__") -> Iterator:
+    def filter_batches(self, batches: Iterable, image_index: int | str = 0,
+                       key_index: int | str = "__key__") -> Iterator:
         """Wrap an existing DataLoader (or any iterable) of image batches.
 
         A batch is a tuple/list or a dict. Its images, at ``image_index``, are (B, 3, S, S): float in
@@ -286,10 +287,10 @@ class DeDeFilter:
         with self.recorder() as record:
             for number, batch in enumerate(batches):
                 keys = batch_keys(batch, key_index, f"batch {number}")
-                pixels = unit_pixels(batch[image_index], f"batch {number} (first key {keys[0]!r})")
+                where = f"batch {number}" + (f" (first key {keys[0]!r})" if keys else "")
+                pixels = unit_pixels(batch[image_index], where)
                 if len(pixels) != len(keys):
-                    raise ValueError(f"batch {number} (first key {keys[0]!r}) has {len(pixels)} images but "
-                                     f"{len(keys)} keys at key_index={key_index!r}")
+                    raise ValueError(f"{where}: {len(pixels)} images but {len(keys)} keys at key_index={key_index!r}")
                 outcome = self._score([{"__key__": key} for key in keys], [], pixels)
                 record.record(outcome)
                 yield self._select(batch, outcome)

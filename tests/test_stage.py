@@ -58,8 +58,9 @@ def test_annotate_mode_keeps_every_field_and_adds_the_score(scorer, shards, shar
     first = samples[0]
     assert {"png", "cls", "json", "__key__", "__url__", "dede_score", "dede_suspect"} <= set(first)
     assert json.loads(first["json"]) == {"index": int(first["__key__"].split("-")[1])}
-    expected = dict(zip(keys, scorer.score(images, keys).scores.tolist(), strict=True))
-    assert {s["__key__"]: s["dede_score"] for s in samples} == expected
+    scores = {s["__key__"]: s["dede_score"] for s in samples}
+    expected = scorer.score(images[::10], keys[::10]).scores.tolist()  # the triggered tenth, scored on its own
+    assert [scores[key] for key in keys[::10]] == expected
     threshold = scorer.detector.threshold.value
     assert [s["dede_suspect"] for s in samples] == [s["dede_score"] > threshold for s in samples]
     assert 0 < sum(s["dede_suspect"] for s in samples) < 300
