@@ -3,7 +3,7 @@
 A writer (rank, DataLoader worker) writes ``.part-*.parquet.tmp`` — hidden, so ``pyarrow.dataset``
 readers never see it — in row groups of ``row_group_size``, and renames it to ``part-*.parquet`` on
 :meth:`ParquetSink.close`, which its owner calls only once its input ended; a writer stopped early
-(a ``break``, an error) :meth:`~ParquetSink.abort` s instead, so no partial part is ever published.
+(a ``break``, an error) calls :meth:`ParquetSink.abort` instead, so no partial part is ever published.
 Memory stays bounded by one row group whatever the run's length.
 """
 
