@@ -29,7 +29,7 @@ from .scoring import Scorer
 from .stage import DeDeFilter, StageConfig
 
 log = logging.getLogger(__name__)
-RESTARTS = 2  # a lost actor (its node died, it was killed for memory) is restarted and its shard retried
+RETRIES = 2  # a shard whose actor died (its node was lost, it was killed for memory) is redone this often
 
 
 def require_ray():
@@ -128,34 +128,37 @@ def filter_shards_ray(urls: list[str], scorer: Scorer, out_dir: str | Path, thre
         log.warning(plan.note)
     start = time.perf_counter()
     shard_stats: list[dict] = []
+    live = dict.fromkeys(STATUSES, 0)
     if tasks:
-        actor_class = ray.remote(ShardActor).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-                                                     max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        actor_class = ray.remote(ShardActor).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
         shared = ray.put(dede)  # serialised once, not once per actor
-        pool = [actor_class.remote(shared, layout, write_shards, max(1, int(cpus_per_actor)),
-                                   "cuda" if gpus_per_actor else "cpu", os.getcwd()) for _ in range(plan.actors)]
+
+        def spawn():
+            return actor_class.remote(shared, layout, write_shards, max(1, int(cpus_per_actor)),
+                                      "cuda" if gpus_per_actor else "cpu", os.getcwd())
+
         with tqdm(total=len(urls), initial=len(urls) - len(tasks), desc="filter (ray)", unit=" shards",
                   disable=not progress) as bar:
-            try:
-                for stats in run_pool(ray, pool, tasks, watchdog):
-                    shard_stats.append(stats)
-                    bar.set_postfix({name: sum(s[name] for s in shard_stats) for name in STATUSES}, refresh=False)
-                    bar.update()
-            finally:
-                for actor in pool:
-                    ray.kill(actor)
-    live = {name: sum(s[name] for s in shard_stats) for name in STATUSES}
+            for stats in run_pool(ray, spawn, plan.actors, tasks, watchdog):
+                shard_stats.append(stats)
+                live = {name: live[name] + stats[name] for name in STATUSES}
+                bar.set_postfix(live, refresh=False)
+                bar.update()
     result = job_result(layout, urls, write_shards, time.perf_counter() - start, live, resumed=len(urls) - len(tasks))
     if progress:
         print(result.describe())
     return RayResult(result, plan, shard_stats)
 
 
-def run_pool(ray, pool: list, tasks: list[dict], watchdog: Watchdog):
-    """Give each idle actor the next shard; yield each finished shard's stats. Ray restarts a lost actor and
-    retries its shard; a shard that fails in the filter itself stops the run, naming it."""
+def run_pool(ray, spawn, actors: int, tasks: list[dict], watchdog: Watchdog):
+    """Start ``actors`` actors with ``spawn()`` and give each idle one the next shard; yield each finished shard's
+    stats. A lost actor (its node died, it was killed for memory) is replaced and its shard redone, up to
+    ``RETRIES`` times per shard; a shard that fails in the filter itself stops the run, naming it. The actors
+    are removed however the run ends."""
     queue = deque(tasks)
-    running = {}
+    running: dict = {}  # task reference -> (actor, task)
+    retries = {task["index"]: 0 for task in tasks}
+    pool = []
     total, finished = len(tasks), 0
 
     def submit(actor) -> None:
@@ -163,34 +166,54 @@ def run_pool(ray, pool: list, tasks: list[dict], watchdog: Watchdog):
             task = queue.popleft()
             running[actor.filter_shard.remote(task["index"], task["url"])] = (actor, task)
 
-    for actor in pool:
-        submit(actor)
-    last = time.monotonic()
-    while running:
-        waited = time.monotonic() - last
-        wait = watchdog.report_after if watchdog.fail_after is None else min(watchdog.report_after,
-                                                                             max(0.0, watchdog.fail_after - waited))
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=wait)
-        if not ready:
-            waited = time.monotonic() - last
-            free, cluster = ray.available_resources(), ray.cluster_resources()
-            message = (f"no shard finished for {waited:.0f} s ({finished} of {total} done, {len(running)} in flight, "
-                       f"e.g. {next(iter(running.values()))[1]['url']}); the cluster has "
-                       f"{free.get('CPU', 0):g} of {cluster.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} of "
-                       f"{cluster.get('GPU', 0):g} GPUs free: if the actors wait for resources other jobs hold, "
-                       "see `ray status`")
-            if watchdog.fail_after is not None and waited >= watchdog.fail_after:
-                raise JobInterrupted(f"{message}. Gave up after {watchdog.fail_after:g} s (--stall-limit); the "
-                                     "finished shards are kept: run the same command with --resume to redo the rest")
-            log.warning(message)
-            continue
-        actor, task = running.pop(ready[0])
-        try:
-            stats = ray.get(ready[0])
-        except ray.exceptions.RayError as err:
-            raise JobInterrupted(f"shard {task['url']} failed on Ray ({type(err).__name__}: {err}); the finished "
-                                 "shards are kept: run the same command with --resume to redo the rest") from err
-        finished += 1
+    try:
+        for _ in range(actors):
+            pool.append(spawn())
+            submit(pool[-1])
         last = time.monotonic()
-        submit(actor)
-        yield stats
+        while running:
+            waited = time.monotonic() - last
+            wait = watchdog.report_after if watchdog.fail_after is None else min(
+                watchdog.report_after, max(0.0, watchdog.fail_after - waited))
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=wait)
+            if not ready:
+                stall(ray, time.monotonic() - last, finished, total, running, watchdog)
+                continue
+            actor, task = running.pop(ready[0])
+            try:
+                stats = ray.get(ready[0])
+            except ray.exceptions.RayActorError as err:
+                if retries[task["index"]] == RETRIES:
+                    raise JobInterrupted(f"shard {task['url']}: its actor died {RETRIES + 1} times ({err}); the "
+                                         "finished shards are kept: run the same command with --resume to redo "
+                                         "the rest") from err
+                retries[task["index"]] += 1
+                log.warning("a scorer actor died filtering %s (%s); redoing the shard on a new one", task["url"], err)
+                pool.append(spawn())
+                queue.appendleft(task)
+                submit(pool[-1])
+                continue
+            except ray.exceptions.RayError as err:
+                raise JobInterrupted(f"shard {task['url']} failed on Ray ({type(err).__name__}: {err}); the finished "
+                                     "shards are kept: run the same command with --resume to redo the rest") from err
+            finished += 1
+            last = time.monotonic()
+            submit(actor)
+            yield stats
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+
+
+def stall(ray, waited: float, finished: int, total: int, running: dict, watchdog: Watchdog) -> None:
+    """Say that no shard has finished for ``waited`` seconds, and what the cluster has free; past the
+    watchdog's limit, fail the run."""
+    free, cluster = ray.available_resources(), ray.cluster_resources()
+    message = (f"no shard finished for {waited:.0f} s ({finished} of {total} done, {len(running)} in flight, e.g. "
+               f"{next(iter(running.values()))[1]['url']}); the cluster has {free.get('CPU', 0):g} of "
+               f"{cluster.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} of {cluster.get('GPU', 0):g} GPUs free: "
+               "if the actors wait for resources other jobs hold, see `ray status`")
+    if watchdog.fail_after is not None and waited >= watchdog.fail_after:
+        raise JobInterrupted(f"{message}. Gave up after {watchdog.fail_after:g} s (--stall-limit); the finished "
+                             "shards are kept: run the same command with --resume to redo the rest")
+    log.warning(message)

@@ -269,3 +269,32 @@ def test_the_torch_pipeline_takes_the_filter_flags_and_runs_a_bf16_calibrated_de
     DeDeFilter(setup.scorer, setup.threshold, setup.stage)  # accepts the bf16 threshold
     setup = filter_setup(pipeline.parser().parse_args(common + ["--threshold", "0.5", "--precision", "fp32"]))
     assert setup.scorer.precision == "fp32" and setup.threshold.value == 0.5
+
+
+def test_a_lost_actor_is_replaced_and_its_shard_redone(tmp_path, detector, inputs, local_rows, ray_cluster, caplog):
+    """SIGKILL one scorer actor (as a lost node or the OOM killer would): the run finishes with the same table."""
+    import threading
+
+    from dedefilter import Scorer, load_encoder
+    from dedefilter.ray_engine import filter_shards_ray
+
+    ray, _ = ray_cluster
+    wait_for_free_cpus(ray)
+    out = tmp_path / "out"
+    slow = Scorer(load_encoder("hostile_encoders:slow_badencoder"), detector)
+    results = []
+    run = threading.Thread(target=lambda: results.append(filter_shards_ray(
+        inputs, slow, out, stage=StageConfig(batch_size=16, store_embeddings=True), write_shards=False,
+        progress=False)))
+    with caplog.at_level(logging.WARNING, "dedefilter.ray_engine"):
+        run.start()
+        deadline = time.monotonic() + 120
+        while not (actors := [p for p in psutil.Process().children(recursive=True)
+                              if "ShardActor" in " ".join(p.cmdline())]) or not list(out.glob("stats/*.json")):
+            assert run.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        actors[0].kill()
+        run.join(timeout=180)
+    assert results and results[0].job.balanced
+    assert "a scorer actor died filtering" in caplog.text
+    assert sorted_rows(ds.dataset(str(out / "parquet"), format="parquet")) == local_rows
