@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -122,10 +122,11 @@ def filter_shards_ray(urls: list[str], scorer: Scorer, out_dir: str | Path, thre
     ray = require_ray()
     if not ray.is_initialized():
         ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
-    layout, dede, tasks = open_job(urls, scorer, out_dir, threshold, stage, write_shards, overwrite, resume)
-    plan = plan_pool(actors, cpus_per_actor, gpus_per_actor, ray.cluster_resources(), len(tasks))
+    plan = plan_pool(actors, cpus_per_actor, gpus_per_actor, ray.cluster_resources(), len(urls))  # before any file
     if plan.note:
         log.warning(plan.note)
+    layout, dede, tasks = open_job(urls, scorer, out_dir, threshold, stage, write_shards, overwrite, resume)
+    plan = replace(plan, actors=max(1, min(plan.actors, len(tasks))))  # a resumed run may have few shards left
     start = time.perf_counter()
     shard_stats: list[dict] = []
     live = dict.fromkeys(STATUSES, 0)

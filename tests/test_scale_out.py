@@ -146,6 +146,19 @@ def test_issue_17_command_finishes_on_2_cpus_with_the_defaults(tmp_path, detecto
     assert summary["actors"] == 2 and summary["shards"] == 2
 
 
+def test_a_pool_that_cannot_fit_is_refused_at_once_before_any_file(tmp_path, detector, inputs, ray_cluster, capsys):
+    from dedefilter.cli import main
+
+    detector.save(tmp_path / "det.pt")
+    start = time.monotonic()
+    assert main(["filter", *inputs[:1], "--encoder", "fmnist-badencoder", "--detector", str(tmp_path / "det.pt"),
+                 "--out", str(tmp_path / "out"), "--engine", "ray", "--cpus-per-actor", "3"]) == 2
+    assert time.monotonic() - start < 10
+    assert ("dedefilter filter: error: the Ray cluster has 2 CPUs and 0 GPUs; one scorer actor reserves 3 CPUs, "
+            "so none fits") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_ray_run_matches_the_local_run_on_hostile_shards(tmp_path, encoder, detector, inputs, local_rows, ray_cluster,
                                                          capsys):
     from dedefilter.cli import main
