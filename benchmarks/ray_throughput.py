@@ -1,17 +1,21 @@
-"""Ray engine throughput with 1 and 2 scorer actors, side by side in one run, and Parquet bytes per row.
+"""Ray engine throughput with 1 and 2 scorer actors side by side, on clean shards and on shards that include
+broken ones, and Parquet bytes per row.
 
-    python benchmarks/ray_throughput.py [--images 3000] [--repeats 2] [--out benchmarks/results]
+    nice -n 10 python benchmarks/ray_throughput.py [--images 3000] [--repeats 2] [--out benchmarks/results]
 
-Over WebDataset shards of real Fashion-MNIST test images (250 per shard, so both actors get blocks),
-with the bundled encoder and a DeDe model of the paper's size (seeded initial weights; a threshold
-that keeps every sample: the compute does not depend on the weights). One local Ray (``num_cpus`` = 3 logical CPUs: one per actor,
-one for the read tasks); each actor is one process with one torch thread. The runs alternate
-1, 2, 1, 2, ... actors so machine load drifts hit both alike; a first untimed run starts Ray's
-workers. Each timed run is a whole ``filter_shards_ray`` (read, score, write Parquet; no shards), so it
-includes the actors' start-up (loading the models). Ray's stats give the scorer operator's summed CPU
-seconds: samples per actor CPU-second is the rate of one actor on a core of its own, which a busy
-machine hides in the wall-clock figures. Parquet bytes per row: the rows scored once by the local job
-with embeddings, written as one file (64k-row groups) with and without the embedding column.
+Over WebDataset shards of real Fashion-MNIST test images (250 per shard), with the bundled encoder and a
+DeDe model of the paper's size (seeded initial weights; a threshold that keeps every sample: the compute
+does not depend on the weights). Two inputs: the clean shards, and the same shards with three broken
+(one truncated inside a member, one with a header that fails its checksum, one with an image whose
+first 64 bytes are zeroed): dedefilter's reader turns what it cannot read into error rows, and the ledger must
+balance. One local Ray of 2 logical CPUs (this machine's cores): each actor reserves one and runs one torch
+thread, and reads its shards itself. The runs cycle (clean, 1 actor), (clean, 2), (broken, 1), (broken, 2)
+so machine load drifts hit all alike; a first untimed run starts Ray's workers. Each timed run is a whole
+``filter_shards_ray`` (start the actors, load the models, read, score, write Parquet; no filtered shards).
+The actors return each shard's CPU seconds: samples per actor CPU-second is the rate of one actor on a
+core of its own, which a busy machine hides in the wall-clock figures. Parquet bytes per row: the rows
+scored once by the local job with embeddings, written as one file (64k-row groups) with and without the
+embedding column.
 
 Writes OUT/ray_throughput.json.
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -45,20 +49,25 @@ def timing_detector(encoder) -> Detector:
     return Detector(model, encoder.name, encoder.fingerprint, threshold=fixed(float("inf")))
 
 
-def seconds(text: str) -> float:
-    """Ray's duration format (``1.5s``, ``20.1ms``, ``3.0us``) in seconds."""
-    value, unit = re.fullmatch(r"([\d.]+)(s|ms|us)", text).groups()
-    return float(value) * {"s": 1, "ms": 1e-3, "us": 1e-6}[unit]
-
-
-def scorer_times(stats: str) -> dict:
-    """Summed remote wall and CPU seconds of the operator that holds the scorer actors."""
-    section = stats[stats.index("ScoreBatches"):]
-    times = {}
-    for kind in ("wall", "cpu"):
-        total = re.search(rf"Remote {kind} time: .*?, (\S+) total", section).group(1)
-        times[f"actor_{kind}_seconds"] = round(seconds(total), 2)
-    return times
+def break_shards(urls: list[str], directory: Path) -> list[str]:
+    """Copies of ``urls`` with three broken: truncated inside a member, a header with a bad checksum,
+    an image whose first 64 bytes are zeros (undecodable)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    broken = []
+    for i, url in enumerate(urls):
+        data = bytearray(Path(url).read_bytes())
+        with tarfile.open(url) as archive:
+            members = archive.getmembers()
+            middle = next(m for m in members[len(members) // 2:] if m.name.endswith(".png"))  # an image
+        if i == 1:
+            data = data[:middle.offset_data + middle.size // 2]
+        elif i == len(urls) // 2:
+            data[middle.offset + 100] ^= 0xFF  # inside the header: its checksum fails
+        elif i == len(urls) - 2:
+            data[middle.offset_data:middle.offset_data + 64] = bytes(64)  # the PNG signature and header: undecodable
+        broken.append(str(directory / Path(url).name))
+        Path(broken[-1]).write_bytes(data)
+    return broken
 
 
 def parquet_bytes(directory: Path) -> int:
@@ -95,35 +104,44 @@ def main() -> None:
         n = args.images
         urls = write_image_shards(work / "in", images[:n], [f"fmnist-test-{i:05d}" for i in range(n)], labels[:n],
                                   shard_size=250)
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-        filter_shards_ray(urls[:1], scorer, work / "warmup", stage=stage, actors=1, write_shards=False)
+        inputs = {"clean": urls, "broken": break_shards(urls, work / "broken")}
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        filter_shards_ray(urls[:1], scorer, work / "warmup", stage=stage, actors=1, write_shards=False, progress=False)
         runs = []
         for repeat in range(args.repeats):
-            for actors in (1, 2):
-                out = work / f"ray-{actors}-{repeat}"
-                result = filter_shards_ray(urls, scorer, out, stage=stage, actors=actors, write_shards=False)
-                rows = sum(result.ledger.values())
-                times = scorer_times(result.stats)
-                runs.append({"actors": actors, "repeat": repeat, "rows": rows, "seconds": round(result.seconds, 2),
-                             "samples_per_s": round(rows / result.seconds, 1),
-                             "per_actor_samples_per_s": round(rows / result.seconds / actors, 1), **times,
-                             "samples_per_actor_cpu_s": round(rows / times["actor_cpu_seconds"], 1),
-                             "parquet_bytes_per_row": round(parquet_bytes(result.parquet_dir) / rows, 1)})
-                print(json.dumps(runs[-1]), flush=True)
+            for shards in inputs:
+                for actors in (1, 2):
+                    out = work / f"ray-{shards}-{actors}-{repeat}"
+                    result = filter_shards_ray(inputs[shards], scorer, out, stage=stage, actors=actors,
+                                               write_shards=False, progress=False)
+                    job, done = result.job, result.shard_stats
+                    rows = sum(job.ledger.values())
+                    cpu = sum(stats["cpu_seconds"] for stats in done)
+                    runs.append({"shards": shards, "actors": actors, "repeat": repeat, "rows": rows, **job.ledger,
+                                 "balanced": job.balanced, "seconds": round(job.seconds, 2),
+                                 "samples_per_s": round(rows / job.seconds, 1),
+                                 "per_actor_samples_per_s": round(rows / job.seconds / actors, 1),
+                                 "actor_busy_seconds": round(sum(stats["seconds"] for stats in done), 2),
+                                 "actor_cpu_seconds": round(cpu, 2),
+                                 "samples_per_actor_cpu_s": round(rows / cpu, 1),
+                                 "actors_used": len({stats["actor"] for stats in done}),
+                                 "parquet_bytes_per_row": round(parquet_bytes(job.parquet_dir) / rows, 1)})
+                    print(json.dumps(runs[-1]), flush=True)
         ray.shutdown()
         sizes = bytes_per_row(urls, scorer, work)
     summary = {}
-    for actors in (1, 2):
-        mine = [r for r in runs if r["actors"] == actors]
-        summary[f"{actors}_actors_samples_per_s_median"] = round(float(np.median([r["samples_per_s"] for r in mine])), 1)
-        summary[f"{actors}_actors_samples_per_actor_cpu_s_median"] = round(float(
-            np.median([r["samples_per_actor_cpu_s"] for r in mine])), 1)
-    summary["speedup_2_vs_1"] = round(summary["2_actors_samples_per_s_median"] /
-                                      summary["1_actors_samples_per_s_median"], 2)
+    for shards in ("clean", "broken"):
+        for actors in (1, 2):
+            mine = [r for r in runs if r["shards"] == shards and r["actors"] == actors]
+            for name in ("samples_per_s", "per_actor_samples_per_s", "samples_per_actor_cpu_s"):
+                summary[f"{shards}_{actors}_actors_{name}_median"] = round(float(np.median([r[name] for r in mine])), 1)
+        summary[f"{shards}_speedup_2_vs_1"] = round(summary[f"{shards}_2_actors_samples_per_s_median"] /
+                                                    summary[f"{shards}_1_actors_samples_per_s_median"], 2)
+    summary["all_balanced"] = all(r["balanced"] for r in runs)
     record = {"images": args.images, "batch_size": args.batch_size, "encoder": encoder.name,
               "dede_config": "paper size (DeDeConfig())", "cpu_count": os.cpu_count(),
               "loadavg_before": [round(x, 2) for x in load_before],
-              "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+              "loadavg_after": [round(x, 2) for x in os.getloadavg()], "ray_num_cpus": 2,
               "runs": runs, "summary": summary, "parquet_bytes_per_row": sizes,
               "command": "python benchmarks/ray_throughput.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())}

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from dataclasses import fields, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from .detector import CheckpointError, Detector
 from .encoders import load_encoder
 from .job import JobInterrupted
 from .scoring import PRECISIONS, Scorer
+from .stage import StageConfig
 
 
 def image_source(spec: str, count: int, seed: int) -> np.ndarray:
@@ -66,6 +68,61 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace) -> DeDeConfig:
     overrides = {f.name: getattr(args, f.name) for f in fields(DeDeConfig) if getattr(args, f.name) is not None}
     return replace(DeDeConfig(), **overrides)
+
+
+class FilterSetup(NamedTuple):
+    """What the filter flags name: the shards, the scorer, a threshold override and the stage config."""
+
+    urls: list[str]
+    scorer: Scorer
+    threshold: calibration.Threshold | None  # None: the detector's stored one
+    stage: StageConfig
+
+
+def add_filter_flags(parser: argparse.ArgumentParser) -> None:
+    """The filter's flags, defined once for ``dedefilter filter`` and the scale-out pipelines."""
+    parser.add_argument("shards", nargs="+", help="shard paths or brace patterns (a/shard-{000000..000009}.tar)")
+    parser.add_argument("--encoder", required=True)
+    parser.add_argument("--detector", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--threshold", type=finite, help="override the detector's stored threshold")
+    parser.add_argument("--workers", type=count(0), default=2,
+                        help="DataLoader workers (local engine; per rank under torchrun)")
+    parser.add_argument("--batch-size", type=count(1), default=256)
+    parser.add_argument("--annotate", action="store_true", help="pass suspects on (flagged) instead of dropping them")
+    parser.add_argument("--no-shards", action="store_true", help="write Parquet scores only")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="the DeDe model's precision (default: the one the stored threshold was calibrated at, "
+                             "else fp32); bf16 is ~2.5x faster on CPUs with native bf16")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="store each sample's encoder embedding in Parquet (for `dedefilter audit`)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="delete what --out holds and start over")
+    again.add_argument("--resume", action="store_true",
+                       help="finish an interrupted run: keep the shards it finished, redo the rest")
+
+
+def positive(text: str) -> float:
+    """argparse type: a finite float above 0."""
+    value = finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """The Ray engine's pool and watchdog."""
+    parser.add_argument("--actors", type=count(1), default=2,
+                        help="scorer actors (ray engine); fewer when fewer fit on the cluster, with a message")
+    parser.add_argument("--cpus-per-actor", type=positive, default=1.0,
+                        help="CPUs each actor reserves and uses as torch threads (ray engine)")
+    parser.add_argument("--gpus-per-actor", type=finite, default=0.0,
+                        help="GPUs each actor reserves; above 0 it scores on CUDA (ray engine)")
+    parser.add_argument("--stall-report", type=positive, default=60.0,
+                        help="seconds without a finished shard before the ray engine says so (and why it may be)")
+    parser.add_argument("--stall-limit", type=finite, default=1800.0,
+                        help="seconds without a finished shard before the ray engine gives up (0: never); "
+                             "--resume then keeps what finished")
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
@@ -118,22 +175,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    import braceexpand
-
     from .job import filter_shards
-    from .stage import StageConfig
 
-    encoder = load_encoder(args.encoder)
-    detector = Detector.load(args.detector, encoder.fingerprint)
-    threshold = calibration.fixed(args.threshold) if args.threshold is not None else None
-    stored = detector.threshold.precision if detector.threshold and threshold is None else None
-    scorer = Scorer(encoder, detector, precision=args.precision or stored or "fp32")
-    urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
-    stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate, store_embeddings=args.embeddings)
+    urls, scorer, threshold, stage = filter_setup(args)
     if args.engine == "ray":
-        if args.resume:
-            raise ValueError("--resume is for the local engine; on Ray, run pipelines/ray_filter.py with "
-                             "--slice-shards (docs/SCALE.md)")
         return filter_on_ray(urls, scorer, threshold, stage, args)
     result = filter_shards(urls, scorer, args.out, threshold, stage, num_workers=args.workers,
                            write_shards=not args.no_shards, overwrite=args.overwrite, resume=args.resume)
@@ -151,17 +196,42 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
-def filter_on_ray(urls: list[str], scorer, threshold, stage, args: argparse.Namespace) -> int:
-    from .ray_engine import filter_shards_ray, require_ray
+def filter_setup(args: argparse.Namespace) -> FilterSetup:
+    """The flags of :func:`add_filter_flags` as the filter's inputs, for every engine and pipeline.
 
-    ray = require_ray()
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
+    The DeDe model runs at the precision the stored threshold was calibrated at unless ``--precision`` says
+    otherwise (a bf16 threshold on fp32 scores would be refused).
+    """
+    import braceexpand
+
+    encoder = load_encoder(args.encoder)
+    detector = Detector.load(args.detector, encoder.fingerprint)
+    threshold = calibration.fixed(args.threshold) if args.threshold is not None else None
+    stored = detector.threshold.precision if detector.threshold and threshold is None else None
+    scorer = Scorer(encoder, detector, precision=args.precision or stored or "fp32")
+    urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
+    stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate, store_embeddings=args.embeddings)
+    return FilterSetup(urls, scorer, threshold, stage)
+
+
+def filter_on_ray(urls: list[str], scorer, threshold, stage, args: argparse.Namespace) -> int:
+    """``filter --engine ray`` (and pipelines/ray_filter.py): the job on the Ray cluster RAY_ADDRESS names, else a
+    local one; the same output, ledger and ``--resume`` as the local engine."""
+    from .ray_engine import Watchdog, filter_shards_ray
+
     result = filter_shards_ray(urls, scorer, args.out, threshold, stage, actors=args.actors,
-                               cpus_per_actor=args.cpus_per_actor, write_shards=not args.no_shards,
-                               overwrite=args.overwrite)
-    print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
-                      **result.ledger, "samples_per_s": round(result.samples_per_s, 1)}))
+                               cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                               write_shards=not args.no_shards, overwrite=args.overwrite, resume=args.resume,
+                               watchdog=Watchdog(args.stall_report, args.stall_limit or None))
+    job = result.job
+    print(json.dumps({"parquet": str(job.parquet_dir), "filtered_shards": len(job.shard_paths),
+                      "samples": job.markers["samples"], **job.ledger, "shards": job.shards,
+                      "resumed_shards": job.resumed, "duplicate_keys": job.duplicate_keys, "actors": result.plan.actors,
+                      "samples_per_s": round(job.samples_per_s, 1)}))
+    if not job.balanced:
+        print(f"dedefilter filter: error: ledger does not balance: shard stats say {job.markers}, Parquet holds "
+              f"{job.ledger}; unfinished shards: {job.unfinished[:5]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -264,29 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("filter", help="stream shards through the filter: filtered shards + Parquet scores")
-    p.add_argument("shards", nargs="+", help="shard paths or brace patterns (a/shard-{000000..000009}.tar)")
-    p.add_argument("--encoder", required=True)
-    p.add_argument("--detector", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=finite, help="override the detector's stored threshold")
-    p.add_argument("--workers", type=count(0), default=2, help="DataLoader workers (local engine)")
-    p.add_argument("--batch-size", type=count(1), default=256)
+    add_filter_flags(p)
     p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: DataLoader workers here; ray: Ray Data scorer actors (needs dedefilter[ray])")
-    p.add_argument("--actors", type=count(1), default=2, help="scorer actors (ray engine)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0,
-                   help="CPUs each actor reserves (ray engine); leave some for the read tasks")
-    p.add_argument("--annotate", action="store_true", help="pass suspects on (flagged) instead of dropping them")
-    p.add_argument("--no-shards", action="store_true", help="write Parquet scores only")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="the DeDe model's precision (default: the one the stored threshold was calibrated at, "
-                        "else fp32); bf16 is ~2.5x faster on CPUs with native bf16")
-    p.add_argument("--embeddings", action="store_true",
-                   help="store each sample's encoder embedding in Parquet (for `dedefilter audit`)")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--overwrite", action="store_true", help="delete what --out holds and start over")
-    again.add_argument("--resume", action="store_true",
-                       help="finish an interrupted run: keep the shards it finished, redo the rest")
+                   help="local: DataLoader workers here; ray: scorer actors on a Ray cluster (needs dedefilter[ray])")
+    add_ray_flags(p)
     p.set_defaults(run=cmd_filter)
 
     p = sub.add_parser("demo", help="end-to-end demo on Fashion-MNIST with the bundled backdoored encoder")

@@ -73,6 +73,13 @@ class JobResult:
     def samples_per_s(self) -> float:
         return sum(self.live_counts.values()) / self.seconds if self.seconds else 0.0
 
+    def describe(self) -> str:
+        """The ledger in one line, as the command prints it."""
+        stats = self.markers
+        return (f"ledger: {stats['samples']} in = {stats['kept']} kept + {stats['dropped']} dropped + "
+                f"{stats['error']} error; {self.shards} shards ({self.resumed} finished before); "
+                f"{'balanced' if self.balanced else 'NOT BALANCED'} ({self.samples_per_s:.0f} samples/s)")
+
 
 def ledger(parquet_dir: str | Path) -> dict[str, int]:
     """Rows per status (kept / dropped / error) over all published part files."""
@@ -147,17 +154,13 @@ class ShardWork:
         return stats
 
 
-def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None = None,
-                  stage: StageConfig = StageConfig(), num_workers: int = 2, write_shards: bool = True,
-                  overwrite: bool = False, resume: bool = False, progress: bool = True) -> JobResult:
-    """Stream ``urls`` through the DeDe stage; write ``out_dir/{parquet,shards,stats}`` one input shard at a time.
-
-    ``resume``: keep the shards an interrupted run of the same job finished (their stats files exist)
-    and redo the rest, so the output ends as if the run had never stopped.
-    """
+def open_job(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None, stage: StageConfig,
+             write_shards: bool, overwrite: bool, resume: bool,
+             counters: Counters | None = None) -> tuple[Layout, DeDeFilter, list[dict]]:
+    """Start (or check and resume) a job's output directory and list the shards still to filter, their
+    leftovers removed: the part of a job every engine (local, torch, Ray) shares, so they all resume each other's runs."""
     layout = Layout(Path(out_dir))
     stage = replace(stage, parquet_dir=str(layout.parquet))
-    counters = Counters()
     dede = DeDeFilter(scorer, threshold, stage, counters)
     outputs = {k: v for k, v in asdict(stage).items() if k not in ("batch_size", "parquet_dir", "row_group_size")}
     prepare(layout, {"format": JOB_FORMAT, "urls": list(urls), "model_id": scorer.detector.model_id,
@@ -167,6 +170,31 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
     for task in tasks:
         clear_shard(layout, task["index"])
     clear_temps(layout)
+    return layout, dede, tasks
+
+
+def job_result(layout: Layout, urls: list[str], write_shards: bool, seconds: float, live_counts: dict[str, int],
+               resumed: int) -> JobResult:
+    """The ledger of a job's directory after a run: its shards' stats files and the Parquet rows read back."""
+    markers = [valid_marker(layout, i, url, write_shards) for i, url in enumerate(urls)]
+    return JobResult(
+        parquet_dir=layout.parquet, shard_paths=sorted(str(p) for p in layout.shards.glob("*.tar")),
+        yielded=sum(m["passed_on"] for m in markers if m), seconds=seconds, ledger=ledger(layout.parquet),
+        live_counts=live_counts, markers=summed([m for m in markers if m]), shards=len(urls),
+        resumed=resumed, unfinished=[url for url, m in zip(urls, markers, strict=True) if not m],
+        duplicate_keys=duplicate_keys(layout.parquet))
+
+
+def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None = None,
+                  stage: StageConfig = StageConfig(), num_workers: int = 2, write_shards: bool = True,
+                  overwrite: bool = False, resume: bool = False, progress: bool = True) -> JobResult:
+    """Stream ``urls`` through the DeDe stage; write ``out_dir/{parquet,shards,stats}`` one input shard at a time.
+
+    ``resume``: keep the shards an interrupted run of the same job finished (their stats files exist)
+    and redo the rest, so the output ends as if the run had never stopped.
+    """
+    counters = Counters()
+    layout, dede, tasks = open_job(urls, scorer, out_dir, threshold, stage, write_shards, overwrite, resume, counters)
     start = time.perf_counter()
     if tasks:
         pipeline = wds.DataPipeline(partial(iter, tasks), wds.split_by_node, wds.split_by_worker,
@@ -182,17 +210,8 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
             except RuntimeError as err:
                 raise JobInterrupted(f"the filter run stopped ({err}); the finished shards are kept: "
                                      "run the same command with --resume to redo the rest") from err
-    seconds = time.perf_counter() - start
-    markers = [valid_marker(layout, i, url, write_shards) for i, url in enumerate(urls)]
-    result = JobResult(
-        parquet_dir=layout.parquet, shard_paths=sorted(str(p) for p in layout.shards.glob("*.tar")),
-        yielded=sum(m["passed_on"] for m in markers if m), seconds=seconds, ledger=ledger(layout.parquet),
-        live_counts=counters.snapshot(), markers=summed([m for m in markers if m]), shards=len(urls),
-        resumed=len(urls) - len(tasks), unfinished=[url for url, m in zip(urls, markers, strict=True) if not m],
-        duplicate_keys=duplicate_keys(layout.parquet))
+    result = job_result(layout, urls, write_shards, time.perf_counter() - start, counters.snapshot(),
+                        resumed=len(urls) - len(tasks))
     if progress:
-        stats = result.markers
-        print(f"ledger: {stats['samples']} in = {stats['kept']} kept + {stats['dropped']} dropped + "
-              f"{stats['error']} error; {result.shards} shards ({result.resumed} finished before); "
-              f"{'balanced' if result.balanced else 'NOT BALANCED'} ({result.samples_per_s:.0f} samples/s)")
+        print(result.describe())
     return result

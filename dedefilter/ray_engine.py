@@ -1,132 +1,220 @@
-"""The filter on Ray Data: ``read_webdataset`` -> scorer actors (``map_batches``) -> Parquet (+ filtered shards).
+"""The filter job on a Ray cluster: the shard is the unit of work, filtered by a pool of scorer actors.
 
-Ray schedules, streams and retries; dedefilter only supplies the callable that scores a batch. The actors
-run :meth:`DeDeFilter.process` (the local stage's decode -> score -> decide) and build rows with
-:func:`dedefilter.sink.record_batch`, so the score table has the local job's schema and, on CPU, the
-local job's exact scores. Samples without a decodable image become ``error`` rows with the reason, as
-locally. Unlike the local reader, Ray's tar reader cannot recover from a truncated archive: the read task
-fails (after Ray's retries) and so does the run, loudly; no sample is silently lost either way.
+Each actor runs the local job's shard work (:class:`dedefilter.job.ShardWork`: dedefilter's own tar
+reader, the DeDe stage, a Parquet part and a filtered tar per input shard, its stats file last), so a
+Ray run writes the local job's layout, rows and ledger; broken tar members become ``error`` rows with
+their reasons as locally, and ``resume`` redoes only the shards without a stats file, whichever engine
+ran the others. The driver sizes the pool to the cluster before starting it (an actor that cannot be
+placed would wait forever), hands each idle actor one shard at a time, and a watchdog reports a run
+in which no shard finishes, then fails it.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import logging
+import math
+import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from .calibration import Threshold
-from .job import ledger
+from .job import JobInterrupted, JobResult, ShardWork, job_result, open_job
+from .markers import STATUSES, Layout
 from .scoring import Scorer
-from .sink import record_batch, schema
 from .stage import DeDeFilter, StageConfig
 
-SAMPLE_PREFIX = "sample."  # carries the input sample's fields next to its row, for the filtered shards
-
-
-def fresh_directory(directory: Path, overwrite: bool) -> None:
-    """An empty output directory; an existing non-empty one only with ``overwrite``."""
-    if directory.exists() and any(directory.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{directory} is not empty: choose another --out or pass --overwrite")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+log = logging.getLogger(__name__)
+RETRIES = 2  # a shard whose actor died (its node was lost, it was killed for memory) is redone this often
 
 
 def require_ray():
     """Import ray, or say which extra installs it."""
     try:
         import ray
-        import ray.data
     except ImportError as err:
-        raise ImportError("the Ray engine needs Ray Data: pip install 'dedefilter[ray]'") from err
+        raise ImportError("the Ray engine needs Ray: pip install 'dedefilter[ray]'") from err
     return ray
 
 
-class ScoreBatches:
-    """``map_batches`` callable (one per actor): an Arrow batch of raw WebDataset samples -> score rows.
+@dataclass(frozen=True)
+class PoolPlan:
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    note: str | None = None  # why the pool is smaller than asked, when it is
 
-    Built once per actor, so the encoder and the DeDe model load once and stay resident.
+
+def plan_pool(actors: int, cpus_per_actor: float, gpus_per_actor: float, resources: dict[str, float],
+              shards: int) -> PoolPlan:
+    """As many actors as asked, as fit on the cluster (``ray.cluster_resources()``) at once, and as there are
+    shards to do: the fewest. Shards are read inside the actors, so reading needs no CPUs of its own.
+
+    Raises ValueError, naming the fix, when not even one actor fits.
     """
-
-    def __init__(self, scorer: Scorer, threshold: Threshold | None, stage: StageConfig, keep_samples: bool,
-                 threads: int):
-        torch.set_num_threads(threads)  # as many as the CPUs the actor reserved: actors must not oversubscribe
-        self.filter = DeDeFilter(scorer, threshold, stage)
-        self.keep_samples = keep_samples
-        self.metadata = {"dedefilter": json.dumps(self.filter.metadata(), sort_keys=True)}
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        # Raw WebDataset fields are bytes (key and url str); Ray fills a field that a sample lacks with null
-        # or NaN, so anything else is an absent field.
-        samples = [{name: value for name, value in row.items() if isinstance(value, bytes | str)}
-                   for row in batch.to_pylist()]
-        outcome = self.filter.process(samples)
-        rows = record_batch(**outcome.rows(), model_id=self.filter.scorer.detector.model_id,
-                            threshold=self.filter.threshold.value, embed_dim=self.filter.embed_dim)
-        table = pa.Table.from_batches([rows])
-        if self.keep_samples:
-            ordered = outcome.scored + [sample for sample, _ in outcome.failed]
-            for name in batch.column_names:
-                if name == "__key__" or not name.startswith("__"):
-                    kind = pa.string() if name == "__key__" else pa.binary()
-                    table = table.append_column(SAMPLE_PREFIX + name, pa.array([s.get(name) for s in ordered], kind))
-        return table.replace_schema_metadata(self.metadata)
+    if cpus_per_actor <= 0 or gpus_per_actor < 0:
+        raise ValueError(f"--cpus-per-actor must be above 0 and --gpus-per-actor at least 0, "
+                         f"got {cpus_per_actor:g} and {gpus_per_actor:g}")
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    fit = math.floor(cpus / cpus_per_actor + 1e-6)  # Ray counts fractional resources in 1e-4 steps
+    if gpus_per_actor:
+        fit = min(fit, math.floor(gpus / gpus_per_actor + 1e-6))
+    cluster = f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs"
+    one = f"{cpus_per_actor:g} CPUs" + (f" and {gpus_per_actor:g} GPUs" if gpus_per_actor else "")
+    if fit < 1:
+        raise ValueError(f"{cluster}; one scorer actor reserves {one}, so none fits and the run would wait forever: "
+                         "lower --cpus-per-actor / --gpus-per-actor, or add nodes to the cluster "
+                         "(`ray start --address HEAD:6379` on each, docs/SCALE.md)")
+    note = None
+    if fit < actors:
+        note = (f"{cluster}: {fit} scorer actors of {one} fit, not the {actors} asked; running {fit} "
+                "(pass --actors to choose, or add nodes)")
+    return PoolPlan(max(1, min(actors, fit, shards)), cpus_per_actor, gpus_per_actor, note)
 
 
-def kept_samples(rows: pa.Table) -> pa.Table:
-    """The kept rows' input samples under their own field names (per block: blocks may differ in fields)."""
-    rows = rows.filter(rows["kept"])
-    names = [name for name in rows.column_names if name.startswith(SAMPLE_PREFIX)]
-    return rows.select(names).rename_columns([name.removeprefix(SAMPLE_PREFIX) for name in names])
+@dataclass(frozen=True)
+class Watchdog:
+    """When no shard has finished for ``report_after`` seconds, say so (and why it may be); after
+    ``fail_after`` seconds (None: never) fail the run, keeping the finished shards for ``--resume``."""
+
+    report_after: float = 60.0
+    fail_after: float | None = 1800.0
+
+
+class ShardActor:
+    """One scorer actor: loads the encoder and the DeDe model once, then filters whole shards."""
+
+    def __init__(self, dede: DeDeFilter, layout: Layout, write_shards: bool, threads: int, device: str, cwd: str):
+        os.chdir(cwd)  # relative shard and output paths mean what they mean to the driver (a shared filesystem)
+        torch.set_num_threads(threads)  # the CPUs it reserved: actors must not oversubscribe a node
+        if device != "cpu":
+            scorer = Scorer(dede.scorer.encoder, dede.scorer.detector, device=device, precision=dede.scorer.precision)
+            dede = DeDeFilter(scorer, dede.threshold, dede.config)
+        self.work = ShardWork(dede, layout, write_shards)
+
+    def filter_shard(self, index: int, url: str) -> dict:
+        """The shard's stats (as in its stats file), plus this actor's process id and CPU seconds for it."""
+        cpu = time.process_time()
+        stats = self.work.filter_shard(index, url)
+        return stats | {"actor": os.getpid(), "cpu_seconds": round(time.process_time() - cpu, 3)}
 
 
 @dataclass
 class RayResult:
-    parquet_dir: Path
-    shard_paths: list[str]
-    seconds: float
-    ledger: dict[str, int]  # rows per status read back from Parquet
-    stats: str  # Ray Data's execution summary (per-operator wall and CPU time)
-
-    @property
-    def samples_per_s(self) -> float:
-        return sum(self.ledger.values()) / self.seconds if self.seconds else 0.0
+    job: JobResult  # the job's ledger, as the local engine reports it
+    plan: PoolPlan
+    shard_stats: list[dict] = field(default_factory=list)  # the shards filtered in this run, as the actors returned them
 
 
 def filter_shards_ray(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None = None,
-                      stage: StageConfig = StageConfig(), actors: int = 2, cpus_per_actor: float = 1,
-                      gpus_per_actor: float = 0, write_shards: bool = True, overwrite: bool = False) -> RayResult:
-    """Filter ``urls`` on the connected Ray cluster (``ray.init()`` first, or Ray starts a local one).
+                      stage: StageConfig = StageConfig(), actors: int = 2, cpus_per_actor: float = 1.0,
+                      gpus_per_actor: float = 0.0, write_shards: bool = True, overwrite: bool = False,
+                      resume: bool = False, watchdog: Watchdog = Watchdog(), progress: bool = True) -> RayResult:
+    """Filter ``urls`` on the connected Ray cluster (``ray.init(address=...)`` first, else a local one starts)
+    into ``out_dir``, laid out as the local job's (:func:`dedefilter.filter_shards`).
 
-    Writes ``out_dir/parquet`` (files of at least ``stage.row_group_size`` rows) and, with ``write_shards``, the kept
-    samples to ``out_dir/shards``; ``actors`` scorer actors, each holding one copy of the models. The
-    read tasks need CPUs too: keep ``actors * cpus_per_actor`` below the cluster's CPUs, or nothing is read.
+    ``resume``: keep the shards an interrupted run of the same job finished, by any engine, and redo the rest.
     """
     ray = require_ray()
-    out_dir = Path(out_dir)
-    parquet_dir, shards_dir = out_dir / "parquet", out_dir / "shards"
-    fresh_directory(parquet_dir, overwrite)
-    if write_shards:
-        fresh_directory(shards_dir, overwrite)
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
+    plan = plan_pool(actors, cpus_per_actor, gpus_per_actor, ray.cluster_resources(), len(urls))  # before any file
+    if plan.note:
+        log.warning(plan.note)
+    layout, dede, tasks = open_job(urls, scorer, out_dir, threshold, stage, write_shards, overwrite, resume)
+    plan = replace(plan, actors=max(1, min(plan.actors, len(tasks))))  # a resumed run may have few shards left
     start = time.perf_counter()
-    samples = ray.data.read_webdataset(urls, decoder=None)
-    scored = samples.map_batches(
-        ScoreBatches, fn_constructor_kwargs={"scorer": scorer, "threshold": threshold, "stage": stage,
-                                             "keep_samples": write_shards,
-                                             "threads": max(1, int(cpus_per_actor))},
-        batch_size=stage.batch_size, batch_format="pyarrow", num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=actors))
-    row_columns = schema(scorer.encoder.embed_dim if stage.store_embeddings else None).names
-    if write_shards:
-        scored = scored.materialize()  # score once, write twice
-        scored.map_batches(kept_samples, batch_format="pyarrow").write_webdataset(str(shards_dir), encoder=None)
-        scored = scored.select_columns(row_columns)
-    scored.write_parquet(str(parquet_dir), min_rows_per_file=stage.row_group_size)  # not a file per block
-    seconds = time.perf_counter() - start
-    shard_paths = sorted(str(p) for p in shards_dir.glob("*.tar")) if write_shards else []
-    return RayResult(parquet_dir, shard_paths, seconds, ledger(parquet_dir), scored.stats())
+    shard_stats: list[dict] = []
+    live = dict.fromkeys(STATUSES, 0)
+    if tasks:
+        actor_class = ray.remote(ShardActor).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+        shared = ray.put(dede)  # serialised once, not once per actor
+
+        def spawn():
+            return actor_class.remote(shared, layout, write_shards, max(1, int(cpus_per_actor)),
+                                      "cuda" if gpus_per_actor else "cpu", os.getcwd())
+
+        with tqdm(total=len(urls), initial=len(urls) - len(tasks), desc="filter (ray)", unit=" shards",
+                  disable=not progress) as bar:
+            for stats in run_pool(ray, spawn, plan.actors, tasks, watchdog):
+                shard_stats.append(stats)
+                live = {name: live[name] + stats[name] for name in STATUSES}
+                bar.set_postfix(live, refresh=False)
+                bar.update()
+    result = job_result(layout, urls, write_shards, time.perf_counter() - start, live, resumed=len(urls) - len(tasks))
+    if progress:
+        print(result.describe())
+    return RayResult(result, plan, shard_stats)
+
+
+def run_pool(ray, spawn, actors: int, tasks: list[dict], watchdog: Watchdog):
+    """Start ``actors`` actors with ``spawn()`` and give each idle one the next shard; yield each finished shard's
+    stats. A lost actor (its node died, it was killed for memory) is replaced and its shard redone, up to
+    ``RETRIES`` times per shard; a shard that fails in the filter itself stops the run, naming it. The actors
+    are removed however the run ends."""
+    queue = deque(tasks)
+    running: dict = {}  # task reference -> (actor, task)
+    retries = {task["index"]: 0 for task in tasks}
+    pool = []
+    total, finished = len(tasks), 0
+
+    def submit(actor) -> None:
+        if queue:
+            task = queue.popleft()
+            running[actor.filter_shard.remote(task["index"], task["url"])] = (actor, task)
+
+    try:
+        for _ in range(actors):
+            pool.append(spawn())
+            submit(pool[-1])
+        last = time.monotonic()
+        while running:
+            waited = time.monotonic() - last
+            wait = watchdog.report_after if watchdog.fail_after is None else min(
+                watchdog.report_after, max(0.0, watchdog.fail_after - waited))
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=wait)
+            if not ready:
+                stall(ray, time.monotonic() - last, finished, total, running, watchdog)
+                continue
+            actor, task = running.pop(ready[0])
+            try:
+                stats = ray.get(ready[0])
+            except ray.exceptions.RayActorError as err:
+                if retries[task["index"]] == RETRIES:
+                    raise JobInterrupted(f"shard {task['url']}: its actor died {RETRIES + 1} times ({err}); the "
+                                         "finished shards are kept: run the same command with --resume to redo "
+                                         "the rest") from err
+                retries[task["index"]] += 1
+                log.warning("a scorer actor died filtering %s (%s); redoing the shard on a new one", task["url"], err)
+                pool.append(spawn())
+                queue.appendleft(task)
+                submit(pool[-1])
+                continue
+            except ray.exceptions.RayError as err:
+                raise JobInterrupted(f"shard {task['url']} failed on Ray ({type(err).__name__}: {err}); the finished "
+                                     "shards are kept: run the same command with --resume to redo the rest") from err
+            finished += 1
+            last = time.monotonic()
+            submit(actor)
+            yield stats
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+
+
+def stall(ray, waited: float, finished: int, total: int, running: dict, watchdog: Watchdog) -> None:
+    """Say that no shard has finished for ``waited`` seconds, and what the cluster has free; past the
+    watchdog's limit, fail the run."""
+    free, cluster = ray.available_resources(), ray.cluster_resources()
+    message = (f"no shard finished for {waited:.0f} s ({finished} of {total} done, {len(running)} in flight, e.g. "
+               f"{next(iter(running.values()))[1]['url']}); the cluster has {free.get('CPU', 0):g} of "
+               f"{cluster.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} of {cluster.get('GPU', 0):g} GPUs free: "
+               "if the actors wait for resources other jobs hold, see `ray status`")
+    if watchdog.fail_after is not None and waited >= watchdog.fail_after:
+        raise JobInterrupted(f"{message}. Gave up after {watchdog.fail_after:g} s (--stall-limit); the finished "
+                             "shards are kept: run the same command with --resume to redo the rest")
+    log.warning(message)
