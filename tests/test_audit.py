@@ -14,6 +14,7 @@ from dedefilter.audit import (
     analyse,
     audit,
     labels_from_shards,
+    read_selection,
     select_keys,
     write_audit,
 )
@@ -165,10 +166,10 @@ def test_audit_report_select_reshard_round_trip(tmp_path, shards, shard_data, ca
     assert sorted(p.name for p in (tmp_path / "audit" / "figures").iterdir()) == \
         ["collapse.png", "scores.png", "shards.png", "threshold_curve.png", "thumbnails.png"]
 
-    assert main(["select", str(tmp_path / "audit"), "--cluster", "0", "--out", str(tmp_path / "drop.txt")]) == 0
-    dropped = (tmp_path / "drop.txt").read_text().split()
+    assert main(["select", str(tmp_path / "audit"), "--cluster", "0", "--out", str(tmp_path / "drop.jsonl")]) == 0
+    dropped = read_selection(tmp_path / "drop.jsonl").keys
     assert dropped == sorted(np.array(keys)[triggered])
-    assert main(["reshard", *shards, "--drop-keys", str(tmp_path / "drop.txt"), "--out", str(tmp_path / "out")]) == 0
+    assert main(["reshard", *shards, "--drop-keys", str(tmp_path / "drop.jsonl"), "--out", str(tmp_path / "out")]) == 0
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert counts == {"read": 300, "kept": 270, "removed": 30, "unreadable": 0, "keys_not_found": 0}
     written = {s["__key__"]: s for p in sorted((tmp_path / "out").glob("*.tar")) for s in read_shard(str(p))}
