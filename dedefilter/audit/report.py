@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +190,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 def cluster_keys(summary: dict, shown: int = CLUSTERS_SHOWN) -> str:
     """Each shown cluster's example keys with its counts, and the command that selects it."""
-    source = html.escape(summary.get("out", "AUDIT"))
+    source = html.escape(shlex.quote(summary.get("out", "AUDIT")))
     items = []
     for c in summary["clusters"][:shown]:
         keys = ", ".join(html.escape(json.dumps(k)) for k in c.get("example_keys", []))
@@ -237,11 +238,11 @@ def write_report(result: AuditResult, out_dir: str | Path, shard_urls: list[str]
         parts += ["<h2>Flagged clusters</h2>",
                   ("<p>Clusters of flagged samples whose neighbourhoods are mostly flagged (collapse), largest "
                    "first; the region adds unflagged samples inside the same collapse. Low conductance = well "
-                   "separated from the rest of the corpus. Terms are explained at the end of the page.</p>"),
+                   "separated from the rest of the corpus. Terms are explained <a href='#terms'>below</a>.</p>"),
                   _table(s["clusters"][:20], columns), cluster_keys(s), img("thumbnails"), img("collapse")]
     else:
         parts += ["<h2>Flagged clusters</h2>", f"<p><b>Clustering {html.escape(s.get('clustering', ''))}</b></p>"]
-    parts += ["<h2>Shards</h2>", img("shards"), "<h2>Terms</h2>",
+    parts += ["<h2>Shards</h2>", img("shards"), "<h2 id='terms'>Terms</h2>",
               "<dl>" + "".join(f"<dt><b>{html.escape(t)}</b></dt><dd>{html.escape(d)}</dd>" for t, d in TERMS.items())
               + "</dl>",
               "<details><summary>summary.json</summary><pre>"
