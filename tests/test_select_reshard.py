@@ -104,3 +104,20 @@ def test_select_refuses_a_non_finite_threshold(odd_shards, tmp_path, capsys):
         main(["select", str(scores), "--threshold", "nan", "--out", str(tmp_path / "drop.jsonl")])
     assert exit_info.value.code == 2 and "finite" in capsys.readouterr().err
     assert not (tmp_path / "drop.jsonl").exists()
+
+
+def test_reshard_replaces_earlier_outputs_only_when_told(shards, tmp_path, capsys):
+    write_key_list(tmp_path / "drop.jsonl", ["img-0001"])
+    argv = ["reshard", *shards, "--drop-keys", str(tmp_path / "drop.jsonl"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    (tmp_path / "out" / "mine.txt").write_text("not made by reshard")
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+    assert (tmp_path / "out" / "mine.txt").read_text() == "not made by reshard"  # only its own names replaced
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.txt"] + [f"shard-{i:06d}.tar" for i in range(3)]
+
+
+def test_select_refuses_to_write_into_the_scores_it_reads(odd_shards, capsys):
+    _, scores = odd_shards
+    assert main(["select", str(scores), "--threshold", "0.5", "--out", str(scores / "drop.parquet")]) == 2
+    assert "lies inside the input" in capsys.readouterr().err and not (scores / "drop.parquet").exists()
