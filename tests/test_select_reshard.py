@@ -114,7 +114,8 @@ def test_reshard_replaces_earlier_outputs_only_when_told(shards, tmp_path, capsy
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
     assert (tmp_path / "out" / "mine.txt").read_text() == "not made by reshard"  # only its own names replaced
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.txt"] + [f"shard-{i:06d}.tar" for i in range(3)]
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outputs == ["mine.txt"] + [f"shard-{i:06d}.tar" for i in range(3)]
 
 
 def test_select_refuses_to_write_into_the_scores_it_reads(odd_shards, capsys):
