@@ -105,7 +105,7 @@ def read_selection(path: str | Path) -> Selection:
     """Read a key list: an optional provenance object on the first line, then one JSON string per line."""
     provenance, keys = {}, []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f.read().split(b"\n"), 1):
+        for number, raw in enumerate(f, 1):  # binary lines end at b"\n" only, never at \r or U+2028
             if not raw.strip():
                 continue  # no key is written as a blank line ("" is the empty key)
             try:
