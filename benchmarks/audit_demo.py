@@ -17,9 +17,9 @@ import json
 import time
 from pathlib import Path
 
+from dedefilter.audit import read_selection
 from dedefilter.cli import main
 from dedefilter.data import decode_image, fashion_mnist
-from dedefilter.reshard import read_keys
 from dedefilter.shards import read_shard
 
 
@@ -51,9 +51,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     run(["audit", str(work / "scores" / "parquet"), "--out", str(work / "audit"), "--shards", *urls,
          "--label-field", "json:label"])
     audited = time.perf_counter()
-    run(["select", str(work / "audit"), "--cluster", "0", "--out", str(work / "cluster0.txt")])
+    run(["select", str(work / "audit"), "--cluster", "0", "--out", str(work / "cluster0.jsonl")])
     out_shards = work / "resharded"
-    run(["reshard", *urls, "--drop-keys", str(work / "cluster0.txt"), "--out", str(out_shards)])
+    run(["reshard", *urls, "--drop-keys", str(work / "cluster0.jsonl"), "--out", str(out_shards), "--overwrite"])
     done = time.perf_counter()
 
     triggered = truth(urls)
@@ -79,7 +79,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "largest_cluster_member_labels": largest["member_labels"],
         "region_size": largest["region_size"], "region_conductance": largest["conductance"],
         "region_vote": largest["vote"],
-        "selected_keys": len(read_keys(work / "cluster0.txt")),
+        "selected_keys": len(read_selection(work / "cluster0.jsonl").keys),
         "triggered_removed": round(sum(triggered[k] for k in removed) / n_trig, 4),
         "clean_removed": round(sum(not triggered[k] for k in removed) / n_clean, 4),
         "index": summary["index"],

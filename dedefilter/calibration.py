@@ -27,7 +27,12 @@ class Threshold:
         return asdict(self)
 
 
-def _upper_quantile(scores: np.ndarray, fraction: float) -> float:
+def upper_quantile(scores: np.ndarray, fraction: float) -> float:
+    """The cut that leaves at most ``fraction`` of the finite scores strictly above it (``score > cut``).
+
+    The one fraction rule: ``calibrate --contamination``, the audit's sensitivity table and
+    ``select --fraction`` all cut here, so the same fraction drops the same samples everywhere.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     scores = scores[np.isfinite(scores)]
     if not 0 < fraction < 1:
@@ -40,12 +45,12 @@ def _upper_quantile(scores: np.ndarray, fraction: float) -> float:
 
 def for_false_positive_rate(clean_scores: np.ndarray, fpr: float) -> Threshold:
     """At most ``fpr`` of the clean reference scores exceed the threshold."""
-    return Threshold(_upper_quantile(clean_scores, fpr), "fpr", fpr, int(np.size(clean_scores)))
+    return Threshold(upper_quantile(clean_scores, fpr), "fpr", fpr, int(np.size(clean_scores)))
 
 
 def for_contamination(scores: np.ndarray, fraction: float) -> Threshold:
     """Flag the top ``fraction`` of the given (possibly poisoned) scores."""
-    return Threshold(_upper_quantile(scores, fraction), "contamination", fraction, int(np.size(scores)))
+    return Threshold(upper_quantile(scores, fraction), "contamination", fraction, int(np.size(scores)))
 
 
 def fixed(value: float) -> Threshold:

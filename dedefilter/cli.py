@@ -246,27 +246,47 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     import braceexpand
 
     from .audit import (
         AuditConfig,
         audit,
+        class_names,
+        guess_class_names,
         labels_from_file,
         labels_from_shards,
+        name_classes,
+        score_files,
         write_audit,
     )
+    from .guard import is_local, refuse_overlap
 
     urls = [url for pattern in args.shards or [] for url in braceexpand.braceexpand(pattern)]
+    missing = [url for url in urls if is_local(url) and not Path(url).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--shards: {len(missing)} shard(s) do not exist: {missing[:5]}")
+    refuse_overlap(args.out, [args.parquet, *score_files(args.parquet)])
     labels = labels_from_file(args.labels) if args.labels else (
         labels_from_shards(urls, args.label_field) if urls and args.label_field else None)
+    names_used = None
+    if labels:
+        names, names_used = (class_names(args.class_names), f"--class-names {args.class_names}") \
+            if args.class_names else guess_class_names(labels)
+        labels = name_classes(labels, names) if names else labels
     given = {name: getattr(args, name) for name in ("k", "min_collapse", "exact_max", "nprobe")}
     config = replace(AuditConfig(), **{name: v for name, v in given.items() if v is not None})
     result = audit(args.parquet, config, labels)
+    if names_used:
+        result.summary["class_names"] = names_used
+    if result.analysis is None:
+        print(f"dedefilter audit: warning: clustering {result.summary['clustering']}", file=sys.stderr)
     start = time.perf_counter()
     out = write_audit(result, args.out)
     result.summary["seconds"]["write"] = round(time.perf_counter() - start, 2)
     if not args.no_report:
-        from .report import write_report
+        from .audit.report import write_report
 
         start = time.perf_counter()
         write_report(result, out, urls or None)
@@ -274,26 +294,34 @@ def cmd_audit(args: argparse.Namespace) -> None:
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
     s = result.summary
     print(json.dumps({"out": str(out), **{k: s[k] for k in ("rows", "kept", "dropped", "error", "suspect")},
-                      "index": s.get("index"), "clusters": s.get("clusters", [])[:3]}))
+                      "clustering": s["clustering"], "index": s.get("index"), "clusters": s.get("clusters", [])[:3]}))
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from .audit import select, write_selection
+    from .guard import refuse_overlap
 
-    from .audit import select_keys
-
-    keys = select_keys(args.source, args.threshold, args.fraction, args.cluster, args.members)
-    Path(args.out).write_text("".join(f"{k}\n" for k in keys))
-    print(json.dumps({"selected": len(keys), "out": args.out}))
+    refuse_overlap(args.out, [args.source])
+    selection = select(args.source, args.threshold, args.fraction, args.cluster, args.members)
+    selection.provenance["arguments"] = {name: getattr(args, name) for name in
+                                         ("source", "threshold", "fraction", "cluster", "members", "out")}
+    write_selection(selection, args.out)
+    print(json.dumps({"selected": len(selection.keys), "out": args.out}))
 
 
 def cmd_reshard(args: argparse.Namespace) -> None:
     import braceexpand
 
-    from .reshard import read_keys, reshard
+    from .audit import read_selection
+    from .reshard import reshard
 
     urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
-    print(json.dumps(reshard(urls, read_keys(args.drop_keys), args.out).to_dict()))
+    keys = read_selection(args.drop_keys).keys
+    counts = reshard(urls, set(keys), args.out, allow_missing_keys=args.allow_missing_keys, overwrite=args.overwrite)
+    if counts.unreadable:
+        print(f"dedefilter reshard: warning: {counts.unreadable} unreadable samples were not copied (listed above)",
+              file=sys.stderr)
+    print(json.dumps(counts.to_dict()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,33 +376,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="audit Parquet scores offline: statistics, collapse clusters, HTML report")
     p.add_argument("parquet", help="the filter's Parquet directory")
-    p.add_argument("--out", required=True, help="folder for summary.json, samples.parquet, report.html")
+    p.add_argument("--out", required=True,
+                   help="folder for summary.json, samples.parquet, report.html (not inside the Parquet directory)")
     p.add_argument("--shards", nargs="+", help="the scored shards (thumbnails, and labels from --label-field)")
     p.add_argument("--labels", help="key,label CSV or JSON object (instead of labels from the shards)")
     p.add_argument("--label-field", default="cls", help="shard field holding the label: cls, or json:NAME")
-    p.add_argument("--k", type=int, help="neighbours per sample (default 10)")
-    p.add_argument("--min-collapse", type=float,
+    p.add_argument("--class-names",
+                   help="names for class-index labels: fashion-mnist, a file (one per line) or a,b,c "
+                        "(default: Fashion-MNIST's for labels 0-9 of fmnist-* keys, else labels as stored)")
+    p.add_argument("--k", type=count(1), help="neighbours per sample (default 10)")
+    p.add_argument("--min-collapse", type=finite,
                    help="flagged share of neighbours for a flagged sample to seed a cluster (default 0.3)")
-    p.add_argument("--exact-max", type=int, help="exact kNN up to this many embeddings, IVF above (default 20000)")
-    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (default 8)")
+    p.add_argument("--exact-max", type=count(0), help="exact kNN up to this many embeddings, IVF above (default 20000)")
+    p.add_argument("--nprobe", type=count(1), help="IVF lists searched per query (default 8)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report (no matplotlib needed)")
     p.set_defaults(run=cmd_audit)
 
     p = sub.add_parser("select", help="a sorted key list: scores above a threshold, a top fraction, or a cluster")
     p.add_argument("source", help="a filter's Parquet directory, or an audit folder (for --cluster)")
-    p.add_argument("--out", required=True, help="text file, one key per line")
+    p.add_argument("--out", required=True,
+                   help="key list: JSON lines, provenance first, then one JSON string per key (e.g. drop.jsonl)")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--threshold", type=float, help="keys with score > threshold")
-    how.add_argument("--fraction", type=float, help="keys of the top fraction of scores")
-    how.add_argument("--cluster", type=int, help="keys of an audit cluster")
+    how.add_argument("--threshold", type=finite, help="keys with score > threshold")
+    how.add_argument("--fraction", type=finite, help="keys of the top fraction of scores (as calibrate cuts)")
+    how.add_argument("--cluster", type=count(0), help="keys of an audit cluster")
     p.add_argument("--members", choices=["region", "flagged"], default="region",
                    help="for --cluster: its whole collapse region, or only its flagged members")
     p.set_defaults(run=cmd_select)
 
     p = sub.add_parser("reshard", help="copy shards without the keys in a key list")
     p.add_argument("shards", nargs="+", help="shard paths or brace patterns")
-    p.add_argument("--drop-keys", required=True, help="text file, one key per line (from `dedefilter select`)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--drop-keys", required=True, help="key list from `dedefilter select` (JSON lines)")
+    p.add_argument("--out", required=True, help="a folder apart from the input shards' folders")
+    p.add_argument("--allow-missing-keys", action="store_true",
+                   help="succeed when listed keys are in none of these shards (a list made from more shards)")
+    p.add_argument("--overwrite", action="store_true", help="replace output shards of the same names in --out")
     p.set_defaults(run=cmd_reshard)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import replace
 
@@ -13,7 +14,11 @@ from dedefilter.audit import (
     Scan,
     analyse,
     audit,
+    class_names,
+    guess_class_names,
     labels_from_shards,
+    name_classes,
+    read_selection,
     select_keys,
     write_audit,
 )
@@ -155,23 +160,60 @@ def test_audit_report_select_reshard_round_trip(tmp_path, shards, shard_data, ca
     for i, url in enumerate(shards):
         rows = slice(100 * i, 100 * (i + 1))
         write_scores(tmp_path / "scores", f"part-{i}", keys[rows], url, scores[rows], 0.5, x[rows])
-    assert main(["audit", str(tmp_path / "scores"), "--out", str(tmp_path / "audit"), "--shards", *shards]) == 0
+    assert main(["audit", str(tmp_path / "scores"), "--out", str(tmp_path / "audit"), "--shards", *shards,
+                 "--class-names", "fashion-mnist"]) == 0
     capsys.readouterr()
     summary = json.loads((tmp_path / "audit" / "summary.json").read_text())
     assert summary["clusters"][0]["size"] == 20 and summary["clusters"][0]["region_size"] == 30
     assert summary["labelled_rows"] == 300 and labels_from_shards(shards[:1])["img-0001"] == str(labels[1])
     page = (tmp_path / "audit" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5
+    # the page names classes, lists each cluster's keys and says what to run next, and explains its terms
+    assert summary["clusters"][0]["nearest_class"] == "Trouser" and "Trouser" in page  # cls "1", named
+    top = summary["clusters"][0]["example_keys"]
+    assert len(top) == 5 and set(top) <= set(np.array(keys)[triggered]) and html.escape(json.dumps(top[0])) in page
+    assert f"dedefilter select {tmp_path / 'audit'} --cluster 0" in page
+    assert all(f"<dt><b>{term}</b></dt>" in page for term in ("seeds", "collapse", "conductance", "region"))
     assert sorted(p.name for p in (tmp_path / "audit" / "figures").iterdir()) == \
         ["collapse.png", "scores.png", "shards.png", "threshold_curve.png", "thumbnails.png"]
 
-    assert main(["select", str(tmp_path / "audit"), "--cluster", "0", "--out", str(tmp_path / "drop.txt")]) == 0
-    dropped = (tmp_path / "drop.txt").read_text().split()
+    assert main(["select", str(tmp_path / "audit"), "--cluster", "0", "--out", str(tmp_path / "drop.jsonl")]) == 0
+    dropped = read_selection(tmp_path / "drop.jsonl").keys
     assert dropped == sorted(np.array(keys)[triggered])
-    assert main(["reshard", *shards, "--drop-keys", str(tmp_path / "drop.txt"), "--out", str(tmp_path / "out")]) == 0
+    assert main(["reshard", *shards, "--drop-keys", str(tmp_path / "drop.jsonl"), "--out", str(tmp_path / "out")]) == 0
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert counts == {"read": 300, "kept": 270, "removed": 30, "unreadable": 0, "keys_not_found": 0}
     written = {s["__key__"]: s for p in sorted((tmp_path / "out").glob("*.tar")) for s in read_shard(str(p))}
     original = {s["__key__"]: s for url in shards for s in read_shard(url)}
     assert sorted(written) == sorted(set(keys) - set(dropped))
     assert all(written[k][f] == original[k][f] for k in written for f in ("png", "cls", "json"))
+
+
+def test_audit_of_a_folder_without_scores_says_so(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["audit", str(tmp_path / "empty"), "--out", str(tmp_path / "audit")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no .parquet files" in err and "FieldRef" not in err  # not pyarrow's internals
+
+
+def test_audit_without_embeddings_says_loudly_that_it_skipped_clustering(tmp_path, capsys):
+    write_scores(tmp_path / "scores", "part-a", [f"a{i}" for i in range(6)], "a.tar", [.1, .2, .3, .4, .6, .9], 0.5)
+    assert main(["audit", str(tmp_path / "scores"), "--out", str(tmp_path / "audit"), "--no-report"]) == 0
+    assert "clustering skipped" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "audit" / "summary.json").read_text())
+    assert summary["clustering"].startswith("skipped") and "--embeddings" in summary["clustering"]
+
+
+def test_audit_refuses_to_write_into_the_scores_it_reads(planted, capsys):
+    scores, _, _ = planted
+    before = sorted(p.name for p in scores.iterdir())
+    assert main(["audit", str(scores), "--out", str(scores), "--no-report"]) == 2
+    assert "the input" in capsys.readouterr().err and sorted(p.name for p in scores.iterdir()) == before
+
+
+def test_class_indices_are_named_for_fashion_mnist_keys_only():
+    names, why = guess_class_names({"fmnist-test-00000": "9", "fmnist-test-00001": "1"})
+    assert name_classes({"fmnist-test-00001": "1"}, names) == {"fmnist-test-00001": "Trouser"}
+    assert "Fashion-MNIST" in why
+    assert guess_class_names({"img-0001": "1"})[0] is None  # other data: labels stay as stored
+    assert name_classes({"a": "1", "b": "cat"}, class_names("x,y")) == {"a": "y", "b": "cat"}

@@ -9,16 +9,39 @@ import base64
 import html
 import io
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
 
-from .audit import AuditResult, drops_above
-from .data import decode_image
-from .shards import read_shard
+from ..data import decode_image
+from ..shards import read_shard
+from .run import AuditResult
+from .stats import drops_above
 
 THUMBNAILS = 16  # per cluster
 CLUSTERS_SHOWN = 6
+
+TERMS = {
+    "score": "DeDe's reconstruction error: how badly the decoder rebuilds the image from the encoder's "
+             "embedding. A triggered image's embedding describes the attacker's target, not the image, so it "
+             "scores high.",
+    "suspect (flagged)": "a sample whose score is above the stored threshold; the filter dropped it (or, with "
+                         "--annotate, passed it on flagged).",
+    "collapse": "the share of a sample's k nearest neighbours (by embedding) that are flagged. A backdoored "
+                "encoder maps triggered images to one place, so an attack's flagged samples have high collapse; "
+                "a false positive among clean images has collapse near 0.",
+    "seeds": "flagged samples with collapse at least min_collapse: they start the clusters.",
+    "cluster": "a connected group of seeds in the nearest-neighbour graph, numbered by size (0 = largest). A "
+               "large, tight cluster is what an attack looks like; scattered flagged samples (isolated "
+               "suspects) are what noise looks like.",
+    "region": "the cluster grown to the unflagged samples around it (they sit in the same collapse and score "
+              "just under the threshold): the attack's images the threshold missed.",
+    "conductance": "the share of the region's neighbour links that leave it: near 0 means well separated from "
+                   "the rest of the data, near 1 means it blends in.",
+    "nearest class": "the class whose clean samples' mean embedding lies closest to the cluster's: the class "
+                     "the attack points to (its target).",
+}
 
 
 def _pyplot():
@@ -165,6 +188,22 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def cluster_keys(summary: dict, shown: int = CLUSTERS_SHOWN) -> str:
+    """Each shown cluster's example keys with its counts, and the command that selects it."""
+    source = html.escape(shlex.quote(summary.get("out", "AUDIT")))
+    items = []
+    for c in summary["clusters"][:shown]:
+        keys = ", ".join(html.escape(json.dumps(k)) for k in c.get("example_keys", []))
+        items.append(f"<li>cluster {c['id']}: {c['size']} flagged, {c['region_size']} in its region "
+                     f"(highest-scoring keys: {keys})<br><code>dedefilter select {source} --cluster {c['id']} "
+                     f"--out cluster{c['id']}.jsonl</code> (add <code>--members flagged</code> for the flagged "
+                     f"members only), then <code>dedefilter reshard SHARDS --drop-keys cluster{c['id']}.jsonl "
+                     f"--out CLEAN</code></li>")
+    more = len(summary["clusters"]) - shown
+    tail = f"<p>{more} more clusters in summary.json.</p>" if more > 0 else ""
+    return "<h3>Keys and next step</h3><ul>" + "".join(items) + "</ul>" + tail
+
+
 def write_report(result: AuditResult, out_dir: str | Path, shard_urls: list[str] | None = None) -> Path:
     """Write ``report.html`` and ``figures/*.png`` into ``out_dir``; returns the HTML path."""
     out = Path(out_dir)
@@ -179,9 +218,12 @@ def write_report(result: AuditResult, out_dir: str | Path, shard_urls: list[str]
             return ""
         return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(pngs[name]).decode()}">'
 
+    s = {**s, "out": str(out)}
     counts = {k: s[k] for k in ("rows", "kept", "dropped", "error", "suspect", "scored", "threshold")}
     parts = [f"<h1>dedefilter audit</h1><p>{html.escape(s['parquet'])}</p>", "<h2>Summary</h2>",
              _table([counts], list(counts))]
+    if "class_names" in s:
+        parts.append(f"<p>Class names: {html.escape(s['class_names'])}</p>")
     if "index" in s:
         parts += [_table([{**s["index"], "isolated_suspects": s["isolated_suspects"],
                            "clusters": len(s["clusters"])}],
@@ -195,10 +237,14 @@ def write_report(result: AuditResult, out_dir: str | Path, shard_urls: list[str]
                    "nearest_class", "member_labels"]
         parts += ["<h2>Flagged clusters</h2>",
                   ("<p>Clusters of flagged samples whose neighbourhoods are mostly flagged (collapse), largest "
-                  "first; the region adds unflagged samples inside the same collapse. Low conductance = well "
-                  "separated from the rest of the corpus.</p>"),
-                  _table(s["clusters"][:20], columns), img("thumbnails"), img("collapse")]
-    parts += ["<h2>Shards</h2>", img("shards"),
+                   "first; the region adds unflagged samples inside the same collapse. Low conductance = well "
+                   "separated from the rest of the corpus. Terms are explained <a href='#terms'>below</a>.</p>"),
+                  _table(s["clusters"][:20], columns), cluster_keys(s), img("thumbnails"), img("collapse")]
+    else:
+        parts += ["<h2>Flagged clusters</h2>", f"<p><b>Clustering {html.escape(s.get('clustering', ''))}</b></p>"]
+    parts += ["<h2>Shards</h2>", img("shards"), "<h2 id='terms'>Terms</h2>",
+              "<dl>" + "".join(f"<dt><b>{html.escape(t)}</b></dt><dd>{html.escape(d)}</dd>" for t, d in TERMS.items())
+              + "</dl>",
               "<details><summary>summary.json</summary><pre>"
               + html.escape(json.dumps({k: v for k, v in s.items() if k != "shards"}, indent=1)) + "</pre></details>"]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
