@@ -20,7 +20,7 @@ from .config import DeDeConfig
 from .data import DataUnavailable, fashion_mnist, photo_patches
 from .detector import CheckpointError, Detector
 from .encoders import load_encoder
-from .job import JobInterrupted
+from .job import JobFailed, JobInterrupted
 from .scoring import PRECISIONS, Scorer
 from .stage import StageConfig
 
@@ -189,9 +189,21 @@ def cmd_filter(args: argparse.Namespace) -> int:
     if result.duplicate_keys:
         print(f"dedefilter filter: warning: {result.duplicate_keys} keys were scored in more than one shard",
               file=sys.stderr)
-    if not result.balanced:
-        print(f"dedefilter filter: error: ledger does not balance: shard stats say {result.markers}, Parquet holds "
-              f"{result.ledger}; unfinished shards: {result.unfinished[:5]}", file=sys.stderr)
+    return job_status(result)
+
+
+def job_status(job) -> int:
+    """The filter's exit status from its ledger (any engine): 1, with the reason, if it does not balance
+    or a shard could not be read; else 0."""
+    if not job.balanced:
+        print(f"dedefilter filter: error: ledger does not balance: shard stats say {job.markers}, Parquet holds "
+              f"{job.ledger}; unfinished shards: {job.unfinished[:5]}", file=sys.stderr)
+        return 1
+    if job.unread:
+        listed = ", ".join(job.unread[:5]) + (f" and {len(job.unread) - 5} more" if len(job.unread) > 5 else "")
+        print(f"dedefilter filter: error: {len(job.unread)} of {job.shards} input shards could not be read: "
+              f"{listed} (each is an error row with its reason in {job.parquet_dir}); make them readable and run "
+              "the same command with --resume to read them", file=sys.stderr)
         return 1
     return 0
 
@@ -228,11 +240,7 @@ def filter_on_ray(urls: list[str], scorer, threshold, stage, args: argparse.Name
                       "samples": job.markers["samples"], **job.ledger, "shards": job.shards,
                       "resumed_shards": job.resumed, "duplicate_keys": job.duplicate_keys, "actors": result.plan.actors,
                       "samples_per_s": round(job.samples_per_s, 1)}))
-    if not job.balanced:
-        print(f"dedefilter filter: error: ledger does not balance: shard stats say {job.markers}, Parquet holds "
-              f"{job.ledger}; unfinished shards: {job.unfinished[:5]}", file=sys.stderr)
-        return 1
-    return 0
+    return job_status(job)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -420,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
+    except JobFailed as err:
+        print(f"{err.detail.rstrip()}\n\ndedefilter {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except JobInterrupted as err:
         print(f"dedefilter {args.command}: error: {err}", file=sys.stderr)
         return 1

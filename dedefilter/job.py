@@ -3,7 +3,12 @@
 The input shard is the unit of work (:mod:`dedefilter.markers`): a worker reads one shard through the
 DeDe stage, publishes its Parquet part and filtered tar, and writes its stats file last. The ledger
 sums the stats files (samples in = kept + dropped + error) and checks them against the Parquet rows;
-``resume=True`` redoes only the shards without a stats file.
+``resume=True`` redoes only the shards without a stats file (and those that could not be read).
+
+Nothing is lost silently: a missing local input, or an output folder that overlaps an input, stops the
+job before any work; a shard that cannot be read at run time is an error row and is listed in
+:attr:`JobResult.unread`; a worker that dies (:class:`JobInterrupted`) and an error raised while
+filtering a shard (:class:`JobFailed`, naming the shard) are told apart.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +39,7 @@ from .markers import (
     clear_shard,
     clear_temps,
     hidden_temp,
+    outputs_apart,
     part_counts,
     prepare,
     summed,
@@ -38,7 +47,7 @@ from .markers import (
     write_json_atomically,
 )
 from .scoring import Scorer
-from .shards import read_shard
+from .shards import read_shard, require_shards, unreadable
 from .stage import Counters, DeDeFilter, StageConfig
 
 PR_SET_PDEATHSIG = 1
@@ -46,6 +55,31 @@ PR_SET_PDEATHSIG = 1
 
 class JobInterrupted(RuntimeError):
     """A worker died mid-run (killed, out of memory): the finished shards stay for a resumed run."""
+
+
+class JobFailed(RuntimeError):
+    """Filtering a shard raised an error (a bug, a tensor out of memory): rerunning alone will not help.
+
+    ``detail`` is the traceback of the original error (from the worker that raised it).
+    """
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+class ShardFailed(Exception):
+    """An error raised while filtering one shard, named by that shard (crosses the DataLoader as text)."""
+
+
+def failures_named(work, tasks: Iterable[dict]) -> Iterator[dict]:
+    """Run ``work`` task by task, so an error raised inside it says which shard it was filtering."""
+    for task in tasks:
+        try:
+            yield from work([task])
+        except Exception as err:
+            raise ShardFailed(f"filtering shard {task['index']} ({task['url']}) raised "
+                              f"{type(err).__name__}: {err}") from err
 
 
 @dataclass
@@ -61,6 +95,7 @@ class JobResult:
     resumed: int  # shards an earlier run had finished, skipped
     unfinished: list[str]  # urls of shards without a valid stats file after the run
     duplicate_keys: int  # keys scored in more than one shard (repeats within a shard are error rows)
+    unread: list[str] = field(default_factory=list)  # shards of which nothing could be read (an error row each)
 
     @property
     def balanced(self) -> bool:
@@ -77,7 +112,8 @@ class JobResult:
         """The ledger in one line, as the command prints it."""
         stats = self.markers
         return (f"ledger: {stats['samples']} in = {stats['kept']} kept + {stats['dropped']} dropped + "
-                f"{stats['error']} error; {self.shards} shards ({self.resumed} finished before); "
+                f"{stats['error']} error; {self.shards} shards ({self.resumed} finished before"
+                f"{f', {len(self.unread)} could not be read' if self.unread else ''}); "
                 f"{'balanced' if self.balanced else 'NOT BALANCED'} ({self.samples_per_s:.0f} samples/s)")
 
 
@@ -129,11 +165,13 @@ class ShardWork:
         config, layout = self.stage.config, self.layout
         internal = {config.score_field, config.suspect_field}
         read = 0
+        unread = False
 
         def counted(samples: Iterable[dict]) -> Iterator[dict]:
-            nonlocal read
+            nonlocal read, unread
             for sample in samples:
                 read += 1
+                unread = unread or unreadable(sample)
                 yield sample
 
         recorder = self.stage.recorder(layout.part_name(index))
@@ -147,9 +185,13 @@ class ShardWork:
                               if k == "__key__" or not (k.startswith("__") or k in internal)})
         if writer is not None:
             writer.close()
-            os.replace(temp_tar, layout.tar(index))
+            if unread:  # no tar for a shard that could not be read
+                temp_tar.unlink()
+            else:
+                os.replace(temp_tar, layout.tar(index))
         stats = {"url": url, "index": index, "samples": read, "rows": recorder.rows, "passed_on": passed,
-                 **part_counts(layout.part(index)), "seconds": round(time.perf_counter() - start, 3)}
+                 **part_counts(layout.part(index)), "seconds": round(time.perf_counter() - start, 3),
+                 **({"unread": True} if unread else {})}
         write_json_atomically(layout.marker(index), stats)
         return stats
 
@@ -158,7 +200,13 @@ def open_job(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Th
              write_shards: bool, overwrite: bool, resume: bool,
              counters: Counters | None = None) -> tuple[Layout, DeDeFilter, list[dict]]:
     """Start (or check and resume) a job's output directory and list the shards still to filter, their
-    leftovers removed: the part of a job every engine (local, torch, Ray) shares, so they all resume each other's runs."""
+    leftovers removed: the part of a job every engine (local, torch, Ray) shares, so they all resume each other's runs.
+
+    Missing local shards and an ``out_dir`` that overlaps an input are refused before anything is written;
+    ``overwrite`` replaces only an earlier run's output (:func:`dedefilter.markers.remove_job`); a shard
+    that could not be read is redone on ``resume``."""
+    require_shards(urls)
+    outputs_apart(out_dir, urls)
     layout = Layout(Path(out_dir))
     stage = replace(stage, parquet_dir=str(layout.parquet))
     dede = DeDeFilter(scorer, threshold, stage, counters)
@@ -166,7 +214,8 @@ def open_job(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Th
     prepare(layout, {"format": JOB_FORMAT, "urls": list(urls), "model_id": scorer.detector.model_id,
                      "threshold": dede.threshold.to_dict(), "stage": outputs, "write_shards": write_shards},
             overwrite, resume)
-    tasks = [{"index": i, "url": url} for i, url in enumerate(urls) if not valid_marker(layout, i, url, write_shards)]
+    tasks = [{"index": i, "url": url} for i, url in enumerate(urls)
+             if not (marker := valid_marker(layout, i, url, write_shards)) or marker.get("unread")]
     for task in tasks:
         clear_shard(layout, task["index"])
     clear_temps(layout)
@@ -182,7 +231,41 @@ def job_result(layout: Layout, urls: list[str], write_shards: bool, seconds: flo
         yielded=sum(m["passed_on"] for m in markers if m), seconds=seconds, ledger=ledger(layout.parquet),
         live_counts=live_counts, markers=summed([m for m in markers if m]), shards=len(urls),
         resumed=resumed, unfinished=[url for url, m in zip(urls, markers, strict=True) if not m],
-        duplicate_keys=duplicate_keys(layout.parquet))
+        duplicate_keys=duplicate_keys(layout.parquet),
+        unread=[url for url, m in zip(urls, markers, strict=True) if m and m.get("unread")])
+
+
+@contextmanager
+def sample_progress(counters: Counters, shards: int, finished: int, enabled: bool):
+    """A bar of samples filtered so far (from the workers' shared counters, refreshed twice a second),
+    with shards finished beside it; yields the function to call when a shard finishes."""
+    with tqdm(desc="filter", unit=" samples", disable=not enabled) as bar:
+        done = [finished]
+        stop = threading.Event()
+
+        def refresh() -> None:
+            counts = counters.snapshot()
+            bar.n = sum(counts.values())
+            bar.set_postfix(counts | {"shards": f"{done[0]}/{shards}"})
+
+        def shard_finished() -> None:
+            done[0] += 1
+            refresh()
+
+        def poll() -> None:
+            while not stop.wait(0.5):
+                refresh()
+
+        poller = threading.Thread(target=poll, daemon=True)
+        if enabled:
+            poller.start()
+        try:
+            yield shard_finished
+        finally:
+            stop.set()
+            if enabled:
+                poller.join()
+                refresh()
 
 
 def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Threshold | None = None,
@@ -191,25 +274,38 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
     """Stream ``urls`` through the DeDe stage; write ``out_dir/{parquet,shards,stats}`` one input shard at a time.
 
     ``resume``: keep the shards an interrupted run of the same job finished (their stats files exist)
-    and redo the rest, so the output ends as if the run had never stopped.
+    and redo the rest, so the output ends as if the run had never stopped. Refusals: see :func:`open_job`.
     """
     counters = Counters()
     layout, dede, tasks = open_job(urls, scorer, out_dir, threshold, stage, write_shards, overwrite, resume, counters)
     start = time.perf_counter()
     if tasks:
         pipeline = wds.DataPipeline(partial(iter, tasks), wds.split_by_node, wds.split_by_worker,
-                                    ShardWork(dede, layout, write_shards))
+                                    partial(failures_named, ShardWork(dede, layout, write_shards)))
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(tasks)),
                                worker_init_fn=partial(die_with_parent, os.getpid()))
-        with tqdm(total=len(urls), initial=len(urls) - len(tasks), desc="filter", unit=" shards",
-                  disable=not progress) as bar:
-            try:
-                for _ in loader:
-                    bar.set_postfix(counters.snapshot(), refresh=False)
-                    bar.update()
-            except RuntimeError as err:
-                raise JobInterrupted(f"the filter run stopped ({err}); the finished shards are kept: "
-                                     "run the same command with --resume to redo the rest") from err
+
+        def finished() -> int:
+            return sum(1 for i, url in enumerate(urls) if valid_marker(layout, i, url, write_shards))
+
+        try:
+            shards = iter(loader)  # the workers start here, before the progress thread
+            with sample_progress(counters, len(urls), len(urls) - len(tasks), progress) as shard_finished:
+                for _ in shards:
+                    shard_finished()
+        except ShardFailed as err:  # raised here (no workers), or re-raised by the DataLoader as its text
+            detail = ("".join(traceback.format_exception(err.__cause__)) if err.__cause__ is not None
+                      else str(err).partition("\n")[2])
+            raise JobFailed(f"{str(err).rpartition(f'{ShardFailed.__name__}: ')[2].strip()}. This is an error in the "
+                            "work, not an interrupted run: fix its cause (for an out-of-memory error, a smaller "
+                            f"--batch-size or fewer --workers), then run the same command with --resume to keep "
+                            f"the {finished()} finished shards", detail) from err
+        except RuntimeError as err:
+            raise JobInterrupted(f"the filter run stopped ({err}): a worker died (killed, or out of memory). The "
+                                 f"{finished()} finished shards are kept: run the same command with --resume to redo "
+                                 f"the rest. Until then, hidden temporary files of the unfinished shards (names like "
+                                 f".part-000003.parquet.<pid>.tmp) stay in {layout.root}; --resume or --overwrite "
+                                 "removes them") from err
     result = job_result(layout, urls, write_shards, time.perf_counter() - start, counters.snapshot(),
                         resumed=len(urls) - len(tasks))
     if progress:

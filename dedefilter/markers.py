@@ -7,21 +7,28 @@ hidden temporary name and renamed into place, so a reader (``pyarrow.dataset`` s
 with ``.``) never sees a partial file, and a marker is only ever next to complete outputs. A killed run
 leaves finished shards with markers and unfinished ones without; ``--resume`` keeps the first and
 redoes the second. Scores are a function of (sample, model, seed), so a redone shard gets the same rows.
+
+A job's folder is its own: ``job.json`` (written first) says a filter run made it, and ``--overwrite``
+removes only the names a run writes (:func:`made_by_a_run`), refusing a folder without the manifest or
+with anything else in it; an output that is, holds or lies inside an input shard is refused outright.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .shards import local_path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 JOB_FORMAT = "dedefilter-job/1"
 STATUSES = ("kept", "dropped", "error")
+TEMP = re.compile(r"\..+\.tmp")  # hidden_temp's names
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,13 @@ class Layout:
     def marker(self, index: int) -> Path:
         return self.stats / f"shard-{index:06d}.json"
 
+    def made(self) -> dict[Path, re.Pattern]:
+        """Each folder a run writes to and the file names it writes there (hidden temps included)."""
+        return {self.root: re.compile(rf"job\.json|{TEMP.pattern}"),
+                self.parquet: re.compile(rf"part-\d+\.parquet|{TEMP.pattern}"),
+                self.shards: re.compile(rf"filtered-\d+\.tar|{TEMP.pattern}"),
+                self.stats: re.compile(rf"shard-\d+\.json|{TEMP.pattern}")}
+
     def create(self) -> None:
         for directory in (self.parquet, self.shards, self.stats):
             directory.mkdir(parents=True, exist_ok=True)
@@ -82,14 +96,15 @@ def part_counts(path: Path) -> dict[str, int]:
 
 
 def valid_marker(layout: Layout, index: int, url: str, write_shards: bool) -> dict | None:
-    """The shard's stats if it finished: the marker parses, names this url, and its outputs are there."""
+    """The shard's stats if it finished: the marker parses, names this url, and its outputs are there
+    (a shard that could not be read, ``"unread"`` in its stats, has no filtered tar)."""
     try:
         stats = json.loads(layout.marker(index).read_text())
         rows = pq.read_metadata(layout.part(index)).num_rows
     except (OSError, ValueError):
         return None
     complete = (stats.get("url") == url and rows == stats.get("rows")
-                and (not write_shards or layout.tar(index).is_file()))
+                and (not write_shards or stats.get("unread") or layout.tar(index).is_file()))
     return stats if complete else None
 
 
@@ -99,11 +114,76 @@ def clear_shard(layout: Layout, index: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def temps_left(layout: Layout) -> list[Path]:
+    """Hidden temporary files a killed writer left (a resumed or overwriting run removes them)."""
+    return [temp for directory in layout.made() for temp in directory.glob(".*.tmp") if TEMP.fullmatch(temp.name)]
+
+
 def clear_temps(layout: Layout) -> None:
     """Remove the hidden temporary files of killed writers."""
-    for directory in (layout.parquet, layout.shards, layout.stats, layout.root):
-        for temp in directory.glob(".*.tmp"):
-            temp.unlink(missing_ok=True)
+    for temp in temps_left(layout):
+        temp.unlink(missing_ok=True)
+
+
+def made_by_a_run(layout: Layout) -> tuple[list[Path], list[Path]]:
+    """(the files a filter run writes, everything else) in a job folder; folders are listed in neither."""
+    ours, others = [], []
+    pending = [layout.root]
+    while pending:
+        for path in sorted(pending.pop().iterdir()):
+            pattern = layout.made().get(path.parent)
+            if path.is_dir() and not path.is_symlink() and path in layout.made():
+                pending.append(path)
+            elif pattern is not None and pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                ours.append(path)
+            else:
+                others.append(path)
+    return ours, others
+
+
+def is_job_folder(layout: Layout) -> bool:
+    """Whether a folder holds a filter job's manifest."""
+    try:
+        return json.loads(layout.manifest.read_text()).get("format") == JOB_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def remove_job(layout: Layout) -> None:
+    """Remove what an earlier filter run wrote in ``layout.root``, and nothing else (``--overwrite``).
+
+    Refused for a folder without a job manifest (not made by ``filter``, so nothing in it is ours to
+    delete) and for one holding anything a run does not write: those files are listed, and stay.
+    """
+    if not is_job_folder(layout):
+        raise FileExistsError(f"{layout.root} is not empty and holds no dedefilter job manifest (job.json): "
+                              "--overwrite only replaces the output of an earlier `dedefilter filter` run; "
+                              "choose another --out (or empty this folder yourself)")
+    ours, others = made_by_a_run(layout)
+    if others:
+        listed = ", ".join(str(path.relative_to(layout.root)) for path in others[:10])
+        more = f" and {len(others) - 10} more" if len(others) > 10 else ""
+        raise FileExistsError(f"{layout.root} holds files a filter run did not write: {listed}{more}; --overwrite "
+                              "removes only a run's own outputs: move them elsewhere, or choose another --out")
+    for path in sorted(ours, key=lambda path: path != layout.manifest):  # the manifest last
+        path.unlink()
+    for directory in (layout.parquet, layout.shards, layout.stats):
+        if directory.is_dir():
+            directory.rmdir()
+
+
+def outputs_apart(out: str | Path, inputs: list[str]) -> None:
+    """Refuse an output folder that is, holds or lies inside a local input: a run never writes where it reads."""
+    out = Path(out).resolve()
+    for url in inputs:
+        path = local_path(url)
+        if path is None:
+            continue
+        path = path.resolve()
+        if path == out or out in path.parents or path in out.parents:
+            relation = "is" if path == out else ("holds" if out in path.parents else "lies inside")
+            raise ValueError(f"--out {out} {relation} the input shard {url}: outputs must not overlap inputs "
+                             "(an --overwrite there would delete them); choose an --out outside the input folders")
 
 
 def prepare(layout: Layout, manifest: dict, overwrite: bool, resume: bool) -> None:
@@ -120,7 +200,7 @@ def prepare(layout: Layout, manifest: dict, overwrite: bool, resume: bool) -> No
         if not overwrite:
             raise FileExistsError(f"{layout.root} is not empty: choose another --out, pass --overwrite, "
                                   "or --resume a run that was interrupted")
-        shutil.rmtree(layout.root)
+        remove_job(layout)
     layout.root.mkdir(parents=True, exist_ok=True)
     write_json_atomically(layout.manifest, manifest)  # first: a run killed after this can be resumed
     layout.create()

@@ -1,12 +1,13 @@
 """Hostile and odd input: each gets an error row with its reason or a clear message, and the run goes on.
 
 Also covered elsewhere: a truncated member, a member with no image and non-image bytes under .png
-(tests/test_stage.py); a missing shard (tests/test_stage.py); garbage and pickle-payload detector
+(tests/test_stage.py); missing shards, refused before any work (tests/test_data_safety.py); garbage and pickle-payload detector
 checkpoints and a detector for another encoder (tests/test_detector.py).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import re
@@ -29,7 +30,7 @@ from dedefilter.data import decode_image
 from dedefilter.detector import CheckpointError
 from dedefilter.encoders import to_float
 from dedefilter.model import DeDeModel
-from dedefilter.shards import read_shard
+from dedefilter.shards import read_shard, write_image_shards
 from dedefilter.stage import NON_FINITE
 
 
@@ -132,51 +133,90 @@ def test_odd_shards_give_error_rows_and_the_rest_is_scored(tmp_path, scorer, cle
         "empty": write_tar(tmp_path / "empty.tar", []),
         "zero": str(tmp_path / "zero-bytes.tar"),
         "directory": str(tmp_path / "a-directory.tar"),
-        "missing": str(tmp_path / "missing.tar"),
         "odd": write_tar(tmp_path / "odd.tar", clean_members[:4] + [("bomb.png", bomb), ("no-ext", b"x"),
                                                                     ("trick.__key__", b"other")]),
     }
     result = filter_shards(list(urls.values()), scorer, tmp_path / "out", num_workers=0, progress=False)
     rows = rows_of(result)
     errors = {key: row["reason"] for key, row in rows.items() if row["status"] == "error"}
-    assert errors.keys() == {(urls["zero"], None), (urls["directory"], None), (urls["missing"], None),
+    assert errors.keys() == {(urls["zero"], None), (urls["directory"], None),
                              (urls["odd"], "bomb"), (urls["odd"], "no-ext"), (urls["odd"], "trick")}
-    assert "empty file" in errors[urls["zero"], None]
-    assert "Is a directory" in errors[urls["directory"], None]
-    assert "No such file" in errors[urls["missing"], None]
+    assert errors[urls["zero"], None] == "cannot read shard (ReadError: empty file)"
+    assert errors[urls["directory"], None].startswith("cannot read shard (IsADirectoryError: ")
     assert "image too large" in errors[urls["odd"], "bomb"]
     assert "no image field" in errors[urls["odd"], "no-ext"]
     assert "reserved field name" in errors[urls["odd"], "trick"]
-    assert len(rows) == 2 + 6  # the two clean samples of odd.tar are scored; empty.tar has no rows
-    assert result.balanced and result.markers["samples"] == 8
+    assert len(rows) == 2 + 5  # the two clean samples of odd.tar are scored; empty.tar has no rows
+    assert result.balanced and result.markers["samples"] == 7
+    assert result.unread == [urls["zero"], urls["directory"]]  # the run fails (the CLI exits 1)...
+    assert [Path(p).name for p in result.shard_paths] == ["filtered-000000.tar", "filtered-000003.tar"]  # ...no tar
 
 
-def test_a_shard_that_root_can_still_read_is_scored_and_one_it_cannot_is_an_error(tmp_path, scorer, clean_members):
-    url = write_tar(tmp_path / "locked.tar", clean_members)
-    os.chmod(url, 0)
-    result = filter_shards([url], scorer, tmp_path / "out", num_workers=0, progress=False)
-    statuses = {row["status"] for row in rows_of(result).values()}
-    if os.access(url, os.R_OK):  # root reads a file whatever its mode bits say
-        assert statuses <= {"kept", "dropped"} and result.markers["samples"] == 10
-    else:
-        assert statuses == {"error"} and result.markers["samples"] == 1
-    assert result.balanced
+def test_a_shard_that_cannot_be_opened_is_an_error_row_even_for_root(tmp_path, scorer, clean_members):
+    """A path that is a folder cannot be opened by anyone (``chmod 000`` does not stop root, who runs CI);
+    a mode-000 file is checked too where the mode bits bind."""
+    locked = write_tar(tmp_path / "locked.tar", clean_members)
+    os.chmod(locked, 0)
+    (tmp_path / "a-folder.tar").mkdir()
+    urls = [str(tmp_path / "a-folder.tar")] + ([] if os.access(locked, os.R_OK) else [locked])
+    result = filter_shards(urls, scorer, tmp_path / "out", num_workers=0, progress=False)
+    rows = rows_of(result)
+    assert set(rows) == {(url, None) for url in urls}
+    assert all(row["status"] == "error" and row["reason"].startswith("cannot read shard (")
+               for row in rows.values())
+    assert result.unread == urls and result.balanced and result.markers["samples"] == len(urls)
 
 
-def test_a_header_that_fails_its_checksum_ends_the_shard_with_an_error_row_not_silently(tmp_path, scorer,
-                                                                                       clean_members):
-    url = write_tar(tmp_path / "damaged.tar", clean_members)
+def damage_header(url: str, member_index: int) -> tuple[int, str]:
+    """Flip a byte inside a member's own ustar header (its mode field); returns (that header's offset, name)."""
     with tarfile.open(url) as archive:
-        sixth = archive.getmembers()[10]  # the 6th sample's image
+        member = archive.getmembers()[member_index]
+    header = member.offset_data - 512  # after any pax header of its own
     data = bytearray(Path(url).read_bytes())
-    data[sixth.offset + 100] ^= 0xFF  # inside its header (tarfile alone would just stop reading here)
+    data[header + 100] ^= 0xFF
     Path(url).write_bytes(data)
-    assert len([s for s in read_shard(url) if "__error__" not in s]) == 5
-    rows = rows_of(filter_shards([url], scorer, tmp_path / "out", num_workers=0, progress=False))
-    reason = (f"unreadable tar data from byte {sixth.offset} ({len(data) - sixth.offset} bytes that are not a tar "
-              "member); rest of shard skipped")
-    assert [row["reason"] for row in rows.values() if row["status"] == "error"] == [reason]
-    assert len(rows) == 6
+    return header, member.name
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "webdataset pax headers"])
+def test_a_damaged_header_mid_shard_is_skipped_and_every_later_sample_is_read(tmp_path, scorer, clean_members,
+                                                                            shard_data, kind):
+    """Python's tarfile stops at a header that fails its checksum (main lost the shard's last 5 of 10
+    samples here); the reader resynchronises on the next valid header, as ``tar -tvf`` does."""
+    if kind == "webdataset pax headers":  # webdataset's writer puts a pax header before each member
+        images, labels, keys = shard_data
+        url = write_image_shards(tmp_path, images[:10], keys[:10], labels[:10], shard_size=10)[0]
+    else:
+        url = write_tar(tmp_path / "damaged.tar", clean_members)
+    header, name = damage_header(url, 10)  # the 6th sample's first member
+    assert name.startswith("img-0005.")
+    if kind == "tar.gz":
+        Path(url + ".gz").write_bytes(gzip.compress(Path(url).read_bytes()))
+        url += ".gz"
+    samples = list(read_shard(url))
+    assert [s["__key__"] for s in samples] == [f"img-{i:04d}" for i in range(10)]
+    error = samples[5]["__error__"]
+    assert re.fullmatch(rf"skipped tar bytes {header - (1024 if 'pax' in kind else 0)}-\d+: a damaged header of "
+                        rf"member '{name}'; reading went on at the next valid header", error), error
+    assert all("__error__" not in s for i, s in enumerate(samples) if i != 5)
+    result = filter_shards([url], scorer, tmp_path / "out", num_workers=0, progress=False)
+    rows = rows_of(result)
+    assert len(rows) == 10 and [row["reason"] for row in rows.values() if row["status"] == "error"] == [error]
+    assert result.balanced and not result.unread
+
+
+def test_bytes_that_are_not_a_header_are_skipped_to_the_next_member_with_an_error_row(tmp_path, clean_members):
+    """Six blocks of random bytes between two samples (headers are block-aligned, so whole blocks)."""
+    url = write_tar(tmp_path / "inserted.tar", clean_members)
+    with tarfile.open(url) as archive:
+        seventh = archive.getmembers()[12].offset
+    data = Path(url).read_bytes()
+    Path(url).write_bytes(data[:seventh] + np.random.default_rng(0).bytes(3072) + data[seventh:])
+    samples = list(read_shard(url))
+    assert [s["__key__"] for s in samples] == [f"img-{i:04d}" for i in range(6)] + [None] + [
+        f"img-{i:04d}" for i in range(6, 10)]
+    assert samples[6]["__error__"] == (f"skipped tar bytes {seventh}-{seventh + 3072}: a damaged header or bytes "
+                                       "that are not a tar member; reading went on at the next valid header")
 
 
 def test_a_shard_cut_between_members_is_reported_as_truncated(tmp_path, scorer, clean_members):

@@ -134,19 +134,21 @@ def test_dataloader_wrapper_annotates_and_records(tmp_path, scorer, shard_data):
     assert [(r["key"], r["score"]) for r in rows] == sorted(zip(keys[:40], expected.tolist(), strict=True))
 
 
-def test_a_missing_shard_is_one_error_row_and_the_rest_runs(tmp_path, scorer, shards):
-    missing = str(tmp_path / "in" / "missing.tar")
+def test_a_shard_that_cannot_be_read_is_one_error_row_and_the_rest_runs(tmp_path, scorer, shards):
+    missing = str(tmp_path / "in" / "a-folder.tar")  # exists, so not refused up front, but cannot be opened
+    Path(missing).mkdir()
     result = filter_shards([missing, *shards], scorer, tmp_path / "out", num_workers=0, progress=False)
     errors = [row for row in read_rows(result.parquet_dir) if row["status"] == "error"]
     assert len(errors) == 1
     assert errors[0]["key"] is None and errors[0]["url"] == missing
-    assert "No such file" in errors[0]["reason"]
+    assert "Is a directory" in errors[0]["reason"]
     assert result.ledger["kept"] + result.ledger["dropped"] == 300
 
 
 def test_embeddings_are_stored_on_request_and_null_for_errors(tmp_path, scorer, shard_data, shards):
     images, _, keys = shard_data
-    missing = str(tmp_path / "in" / "missing.tar")
+    missing = str(tmp_path / "in" / "a-folder.tar")
+    Path(missing).mkdir()
     stage = StageConfig(store_embeddings=True)
     result = filter_shards([missing, *shards], scorer, tmp_path / "out", stage=stage, num_workers=0, progress=False)
     table = ds.dataset(str(result.parquet_dir)).to_table()
