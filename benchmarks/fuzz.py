@@ -9,6 +9,11 @@ then, shard by shard:
   (the last one may instead be an error row: a read error right after it is charged to it);
 - every clean key with no row is covered by an error row of that shard: nothing vanishes silently.
 
+Then the defects of issue 15, built by hand: a header that fails its checksum in the middle of each
+clean shard (every later key must be read and scored as in the clean shard; ``tar -tvf`` recovers
+them too), missing shards (refused before anything is written), outputs that are or hold an input,
+and ``overwrite`` of a folder no filter run made (refused, the files untouched).
+
     python benchmarks/fuzz.py --trials 300    # writes benchmarks/results/fuzz.json
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tarfile
 import tempfile
 import time
@@ -80,6 +86,80 @@ def sample_ends(url: str) -> dict[str, int]:
     return ends
 
 
+def damage_header(url: str, member_index: int) -> tuple[int, str]:
+    """Flip a byte inside a member's own ustar header (its mode field); returns (that header's offset, name)."""
+    with tarfile.open(url) as archive:
+        member = archive.getmembers()[member_index]
+    header = member.offset_data - 512  # after any pax header of its own
+    data = bytearray(Path(url).read_bytes())
+    data[header + 100] ^= 0xFF
+    Path(url).write_bytes(data)
+    return header, member.name
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def refused(run, error: type[Exception]) -> bool:
+    try:
+        run()
+    except error:
+        return True
+    return False
+
+
+def hand_built(clean_urls: list[str], scorer: Scorer, work_dir: Path, clean_scores: dict[str, float]) -> dict:
+    """The hand-built cases of the module docstring: figures, and a problem for each broken promise."""
+    problems = []
+    directory = work_dir / "bad-header"
+    directory.mkdir(parents=True, exist_ok=True)
+    damaged, later = [], []  # per shard: the keys after the damaged sample
+    for i, url in enumerate(clean_urls):
+        path = directory / f"bad-header-{i:05d}.tar"
+        shutil.copy(url, path)
+        keys = list(sample_ends(url))
+        middle = len(keys) // 2
+        with tarfile.open(url) as archive:
+            first_member = next(j for j, m in enumerate(archive.getmembers())
+                                if split_member_name(m.name)[0] == keys[middle])
+        damage_header(str(path), first_member)
+        damaged.append(str(path))
+        later.append(keys[middle + 1:])
+    result = filter_shards(damaged, scorer, work_dir / "bad-header-scores", num_workers=0, progress=False,
+                           overwrite=True)
+    rows = ds.dataset(str(result.parquet_dir), format="parquet").to_table().to_pylist()
+    scored = {(row["url"], row["key"]): row for row in rows if row["status"] != "error"}
+    recovered = sum(1 for url, keys in zip(damaged, later, strict=True) for key in keys
+                    if (url, key) in scored and scored[url, key]["score"] == clean_scores[key])
+    after = sum(len(keys) for keys in later)
+    skips = sum(1 for row in rows if row["status"] == "error" and row["reason"].startswith("skipped tar bytes"))
+    if recovered != after or skips != len(damaged) or not result.balanced:
+        problems.append(f"bad header mid-shard: {recovered} of {after} later keys recovered, {skips} skip rows "
+                        f"for {len(damaged)} damaged headers, balanced {result.balanced}")
+
+    clean_dir = Path(clean_urls[0]).parent
+    before = tree(clean_dir)
+    missing = [str(work_dir / "no-such-dir" / "shard-000000.tar"), *clean_urls]
+    checks = {
+        "missing_shards_refused": refused(lambda: filter_shards(missing, scorer, work_dir / "missing-out",
+                                                                num_workers=0, progress=False), FileNotFoundError)
+        and not (work_dir / "missing-out").exists(),
+        "out_is_the_inputs_folder_refused": refused(lambda: filter_shards(clean_urls, scorer, clean_dir, num_workers=0,
+                                                                          progress=False, overwrite=True), ValueError),
+        "out_is_an_input_refused": refused(lambda: filter_shards(clean_urls, scorer, clean_urls[0], num_workers=0,
+                                                                 progress=False, overwrite=True), ValueError),
+        "overwrite_of_a_folder_no_run_made_refused": refused(
+            lambda: filter_shards(clean_urls[:1], scorer, work_dir / "corrupted", num_workers=0, progress=False,
+                                  overwrite=True), FileExistsError),
+    }
+    checks["inputs_unchanged"] = tree(clean_dir) == before
+    problems += [f"hand-built: {name} is false" for name, ok in checks.items() if not ok]
+    return {"bad_header_shards": len(damaged), "keys_after_bad_header": after,
+            "keys_recovered_after_bad_header": recovered, "bad_header_skip_rows": skips,
+            "bad_header_balanced": result.balanced, **checks, "problems": problems}
+
+
 def make_trials(clean_urls: list[str], directory: Path, count: int, seed: int) -> list[Trial]:
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -134,10 +214,12 @@ def fuzz(clean_urls: list[str], scorer: Scorer, work_dir: Path, trials: int, see
                            progress=False, overwrite=True)
     seconds = time.perf_counter() - start
     problems = audit(made, result.parquet_dir, clean_scores)
+    by_hand = hand_built(clean_urls, scorer, work_dir, clean_scores)
+    problems += by_hand.pop("problems")
     return {"corrupted_shards": trials, "seed": seed, "by_kind": dict(Counter(t.kind for t in made)),
             "samples_in": result.markers["samples"], "rows": sum(result.ledger.values()), **result.ledger,
-            "balanced": result.balanced, "unaccounted": len(problems), "problems": problems[:20],
-            "job_seconds": round(seconds, 1)}
+            "balanced": result.balanced, "hand_built": by_hand, "unaccounted": len(problems),
+            "problems": problems[:20], "job_seconds": round(seconds, 1)}
 
 
 def main() -> None:

@@ -19,6 +19,10 @@ def test_corrupted_shards_balance_and_lose_nothing(tmp_path, scorer, shard_data)
     assert report["problems"] == [] and report["balanced"]
     assert set(report["by_kind"]) == {"flip", "truncate", "overwrite", "insert"}
     assert 0 < report["error"] < report["samples_in"] == report["rows"]
+    by_hand = report["hand_built"]  # a bad header mid-shard in each of the 4 clean shards of 10 keys
+    assert by_hand["bad_header_skip_rows"] == 4 and by_hand["bad_header_balanced"]
+    assert by_hand["keys_recovered_after_bad_header"] == by_hand["keys_after_bad_header"] == 4 * 4
+    assert all(by_hand[name] for name in by_hand if name.endswith(("_refused", "_unchanged")))
 
 
 def test_the_audit_catches_a_silently_shortened_shard(tmp_path, scorer, shard_data):

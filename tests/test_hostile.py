@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import dedefilter
+from benchmarks.fuzz import damage_header
 from dedefilter import Detector, Scorer, filter_shards, fixed, load_encoder
 from dedefilter.cli import main
 from dedefilter.data import decode_image
@@ -165,17 +166,6 @@ def test_a_shard_that_cannot_be_opened_is_an_error_row_even_for_root(tmp_path, s
     assert all(row["status"] == "error" and row["reason"].startswith("cannot read shard (")
                for row in rows.values())
     assert result.unread == urls and result.balanced and result.markers["samples"] == len(urls)
-
-
-def damage_header(url: str, member_index: int) -> tuple[int, str]:
-    """Flip a byte inside a member's own ustar header (its mode field); returns (that header's offset, name)."""
-    with tarfile.open(url) as archive:
-        member = archive.getmembers()[member_index]
-    header = member.offset_data - 512  # after any pax header of its own
-    data = bytearray(Path(url).read_bytes())
-    data[header + 100] ^= 0xFF
-    Path(url).write_bytes(data)
-    return header, member.name
 
 
 @pytest.mark.parametrize("kind", ["tar", "tar.gz", "webdataset pax headers"])
