@@ -47,7 +47,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 class Recorder:
     """Reads through to a (decompressed) tar stream and watches the bytes from one offset on: the first
-    non-zero byte there, and the first block there (a header, if readable), in a bounded window.
+    non-zero byte there, and the first few blocks there (a header, if readable), in a bounded window.
 
     tarfile (with ``ignore_zeros``) steps over blocks that are not a valid header one by one without a
     word; the reader watches the stretch after each member's data, so the next member starting later
@@ -76,8 +76,12 @@ class Recorder:
         position = max(position, self.start)
         if len(self.head) < HEAD and position == self.start + len(self.head):
             self.head += data[:HEAD - len(self.head)]
-        if self.first_nonzero is None and (rest := data.lstrip(b"\0")):
-            self.first_nonzero = position + len(data) - len(rest)
+        if self.first_nonzero is None:
+            for begin in (0, BLOCK):  # a header usually starts right there: look at one block before the rest
+                part = data[begin:BLOCK] if begin == 0 else data[BLOCK:]
+                if rest := part.lstrip(b"\0"):
+                    self.first_nonzero = position + begin + len(part) - len(rest)
+                    break
 
     def watch(self, offset: int) -> None:
         """Start watching at ``offset`` (bytes already read from there on are looked at now)."""
