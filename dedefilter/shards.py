@@ -45,7 +45,7 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext
 
 
-class Recorder:
+class Watcher:
     """Reads through to a (decompressed) tar stream and watches the bytes from one offset on: the first
     non-zero byte there, and the first few blocks there (a header, if readable), in a bounded window.
 
@@ -231,18 +231,18 @@ def read_shard(url: str) -> Iterator[dict]:
 
     try:
         with wds.gopen(url, "rb") as stream:
-            recorder = Recorder(decompressed(stream))
-            with tarfile.open(fileobj=recorder, mode="r|", ignore_zeros=True,
+            watcher = Watcher(decompressed(stream))
+            with tarfile.open(fileobj=watcher, mode="r|", ignore_zeros=True,
                               tarinfo=ResyncingTarInfo) as archive:
                 for member in archive:
                     members += 1
-                    if recorder.skipped(member.offset):
-                        name = damaged_name(recorder.head)
+                    if watcher.skipped(member.offset):
+                        name = damaged_name(watcher.head)
                         skip = (name and split_member_name(name)[0],
-                                skip_reason(recorder.start, member.offset, name, to_the_end=False))
+                                skip_reason(watcher.start, member.offset, name, to_the_end=False))
                         if current is not None and skip[0] == group:
                             current["__error__"], skip = skip[1], None
-                    recorder.watch(archive.offset)  # where the next header should start
+                    watcher.watch(archive.offset)  # where the next header should start
                     if not member.isreg():
                         continue
                     stem, ext = split_member_name(member.name)
@@ -266,13 +266,13 @@ def read_shard(url: str) -> Iterator[dict]:
                                                 f"member {member.name!r} uses a reserved field name")
                         continue
                     current[ext] = archive.extractfile(member).read()
-                end = recorder.position
-                if recorder.skipped(end):
-                    name = damaged_name(recorder.head)
-                    skip = (name and split_member_name(name)[0], skip_reason(recorder.start, end, name, to_the_end=True))
+                end = watcher.position
+                if watcher.skipped(end):
+                    name = damaged_name(watcher.head)
+                    skip = (name and split_member_name(name)[0], skip_reason(watcher.start, end, name, to_the_end=True))
                     if current is not None and skip[0] == group:
                         current["__error__"], skip = skip[1], None
-                elif end == recorder.start and end > 0:
+                elif end == watcher.start and end > 0:
                     tail = f"tar ends at byte {end} without an end-of-archive block: the shard is truncated"
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         reason = (f"unreadable tar data ({type(err).__name__}: {err}); rest of shard skipped" if members else
