@@ -162,7 +162,7 @@ def damaged_name(head: bytes) -> str | None:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return text if text.isprintable() and text else None
+    return text if text.isprintable() and text and not text.startswith("././@") else None
 
 
 def skip_reason(start: int, end: int, name: str | None, to_the_end: bool) -> str:
@@ -222,12 +222,26 @@ def read_shard(url: str) -> Iterator[dict]:
     current: dict | None = None
     group = None  # the raw member-name stem of the current sample
     seen: set[str] = set()
-    skip: tuple[str | None, str] | None = None  # a skip not yet charged to a sample: (raw stem, reason)
+    skip: tuple[str, str] | None = None  # a skip to charge to the next sample if it has this key: (raw stem, reason)
     tail = None
     members = 0
 
     def skip_row() -> dict:
-        return {"__key__": skip[0] and utf8_key(skip[0])[0], "__url__": url, "__error__": skip[1]}
+        return {"__key__": utf8_key(skip[0])[0], "__url__": url, "__error__": skip[1]}
+
+    def charge(end: int, to_the_end: bool) -> Iterator[dict]:
+        """Charge the stretch skipped before ``end`` to the sample being read if the damaged member is
+        one of its own, to the next sample if that has the damaged member's key, else to a row of its own."""
+        nonlocal skip
+        name = damaged_name(watcher.head)
+        stem = split_member_name(name)[0] if name else None
+        reason = skip_reason(watcher.start, end, name, to_the_end)
+        if current is not None and stem == group:
+            current["__error__"] = reason
+        elif stem is None:
+            yield {"__key__": None, "__url__": url, "__error__": reason}
+        else:
+            skip = (stem, reason)
 
     try:
         with wds.gopen(url, "rb") as stream:
@@ -237,11 +251,7 @@ def read_shard(url: str) -> Iterator[dict]:
                 for member in archive:
                     members += 1
                     if watcher.skipped(member.offset):
-                        name = damaged_name(watcher.head)
-                        skip = (name and split_member_name(name)[0],
-                                skip_reason(watcher.start, member.offset, name, to_the_end=False))
-                        if current is not None and skip[0] == group:
-                            current["__error__"], skip = skip[1], None
+                        yield from charge(member.offset, to_the_end=False)
                     watcher.watch(archive.offset)  # where the next header should start
                     if not member.isreg():
                         continue
@@ -268,10 +278,7 @@ def read_shard(url: str) -> Iterator[dict]:
                     current[ext] = archive.extractfile(member).read()
                 end = watcher.position
                 if watcher.skipped(end):
-                    name = damaged_name(watcher.head)
-                    skip = (name and split_member_name(name)[0], skip_reason(watcher.start, end, name, to_the_end=True))
-                    if current is not None and skip[0] == group:
-                        current["__error__"], skip = skip[1], None
+                    yield from charge(end, to_the_end=True)
                 elif end == watcher.start and end > 0:
                     tail = f"tar ends at byte {end} without an end-of-archive block: the shard is truncated"
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
