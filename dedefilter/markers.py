@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .shards import local_path
-
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from .shards import local_path
 
 JOB_FORMAT = "dedefilter-job/1"
 STATUSES = ("kept", "dropped", "error")
@@ -114,15 +114,11 @@ def clear_shard(layout: Layout, index: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def temps_left(layout: Layout) -> list[Path]:
-    """Hidden temporary files a killed writer left (a resumed or overwriting run removes them)."""
-    return [temp for directory in layout.made() for temp in directory.glob(".*.tmp") if TEMP.fullmatch(temp.name)]
-
-
 def clear_temps(layout: Layout) -> None:
     """Remove the hidden temporary files of killed writers."""
-    for temp in temps_left(layout):
-        temp.unlink(missing_ok=True)
+    for directory in layout.made():
+        for temp in directory.glob(".*.tmp"):
+            temp.unlink(missing_ok=True)
 
 
 def made_by_a_run(layout: Layout) -> tuple[list[Path], list[Path]]:
@@ -165,7 +161,7 @@ def remove_job(layout: Layout) -> None:
         more = f" and {len(others) - 10} more" if len(others) > 10 else ""
         raise FileExistsError(f"{layout.root} holds files a filter run did not write: {listed}{more}; --overwrite "
                               "removes only a run's own outputs: move them elsewhere, or choose another --out")
-    for path in sorted(ours, key=lambda path: path != layout.manifest):  # the manifest last
+    for path in sorted(ours, key=lambda path: path == layout.manifest):  # the manifest last
         path.unlink()
     for directory in (layout.parquet, layout.shards, layout.stats):
         if directory.is_dir():
