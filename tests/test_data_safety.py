@@ -144,6 +144,6 @@ def test_a_killed_worker_is_an_interruption_and_names_the_temporary_files_it_lef
 # --- the progress bar counts samples ------------------------------------------------------------
 
 def test_the_progress_bar_counts_samples(tmp_path, shards, scorer, capsys):
-    filter_shards(shards, scorer, tmp_path / "out", num_workers=0)
+    filter_shards(shards[:2], scorer, tmp_path / "out", num_workers=0)
     bar = capsys.readouterr().err.split("\r")[-1]
-    assert bar.startswith("filter: 300 samples") and "shards=3/3" in bar
+    assert bar.startswith("filter: 200 samples") and "shards=2/2" in bar
