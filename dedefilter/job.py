@@ -39,13 +39,13 @@ from .markers import (
     clear_shard,
     clear_temps,
     hidden_temp,
-    outputs_apart,
     part_counts,
     prepare,
     summed,
     valid_marker,
     write_json_atomically,
 )
+from .guard import is_local, refuse_overlap
 from .scoring import Scorer
 from .shards import read_shard, require_shards, unreadable
 from .stage import Counters, DeDeFilter, StageConfig
@@ -206,7 +206,7 @@ def open_job(urls: list[str], scorer: Scorer, out_dir: str | Path, threshold: Th
     ``overwrite`` replaces only an earlier run's output (:func:`dedefilter.markers.remove_job`); a shard
     that could not be read is redone on ``resume``."""
     require_shards(urls)
-    outputs_apart(out_dir, urls)
+    refuse_overlap(out_dir, [url for url in urls if is_local(url)])
     layout = Layout(Path(out_dir))
     stage = replace(stage, parquet_dir=str(layout.parquet))
     dede = DeDeFilter(scorer, threshold, stage, counters)

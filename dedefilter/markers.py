@@ -10,7 +10,7 @@ redoes the second. Scores are a function of (sample, model, seed), so a redone s
 
 A job's folder is its own: ``job.json`` (written first) says a filter run made it, and ``--overwrite``
 removes only the names a run writes (:func:`made_by_a_run`), refusing a folder without the manifest or
-with anything else in it; an output that is, holds or lies inside an input shard is refused outright.
+with anything else in it (an output that overlaps an input is refused first: :mod:`dedefilter.guard`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .shards import local_path
 
 JOB_FORMAT = "dedefilter-job/1"
 STATUSES = ("kept", "dropped", "error")
@@ -166,20 +165,6 @@ def remove_job(layout: Layout) -> None:
     for directory in (layout.parquet, layout.shards, layout.stats):
         if directory.is_dir():
             directory.rmdir()
-
-
-def outputs_apart(out: str | Path, inputs: list[str]) -> None:
-    """Refuse an output folder that is, holds or lies inside a local input: a run never writes where it reads."""
-    out = Path(out).resolve()
-    for url in inputs:
-        path = local_path(url)
-        if path is None:
-            continue
-        path = path.resolve()
-        if path == out or out in path.parents or path in out.parents:
-            relation = "is" if path == out else ("holds" if out in path.parents else "lies inside")
-            raise ValueError(f"--out {out} {relation} the input shard {url}: outputs must not overlap inputs "
-                             "(an --overwrite there would delete them); choose an --out outside the input folders")
 
 
 def prepare(layout: Layout, manifest: dict, overwrite: bool, resume: bool) -> None:

@@ -23,13 +23,12 @@ import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 import webdataset as wds
 
 from .data import decode_image, encode_png
+from .guard import is_local
 
 log = logging.getLogger(__name__)
 BLOCK = tarfile.BLOCKSIZE
@@ -180,17 +179,9 @@ def utf8_key(key: str) -> tuple[str, str | None]:
         return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), "member name is not valid UTF-8"
 
 
-def local_path(url: str) -> Path | None:
-    """The file a shard url names on this machine (plain path or ``file:``), None for remote ones."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return Path(url2pathname(parsed.path))
-    return Path(url) if parsed.scheme == "" and url != "-" else None
-
-
 def missing_shards(urls: Iterable[str]) -> list[str]:
     """The local shard paths that do not exist (remote ones are only known missing when read)."""
-    return [url for url in urls if (path := local_path(url)) is not None and not path.exists()]
+    return [url for url in urls if is_local(url) and not Path(url).exists()]
 
 
 def require_shards(urls: list[str]) -> None:

@@ -77,7 +77,7 @@ def test_an_out_that_overlaps_an_input_is_refused_with_or_without_overwrite(tmp_
     for flags in ([], ["--overwrite"]):
         assert run_filter(inputs, detector_file, out, *flags) == 2
         err = capsys.readouterr().err
-        assert "outputs must not overlap inputs" in err and str(out.resolve()) in err
+        assert "an output never overlaps its inputs" in err and f"--out {out} " in err
     assert tree(folder) == before and not (folder / "job.json").exists()
 
 
