@@ -22,7 +22,7 @@ from dedefilter.config import DeDeConfig
 from dedefilter.encoders import Encoder
 from dedefilter.masking import key_seeds, keyed_visible
 from dedefilter.model import DeDeModel, patchify, unpatchify
-from dedefilter.training import masked_patch_mse
+from dedefilter.model import masked_patch_mse
 
 BATCH = 500
 KNN_K = 10

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .calibration import Threshold
-from .job import JobInterrupted, JobResult, ShardWork, job_result, open_job
+from .job import JobFailed, JobInterrupted, JobResult, ShardWork, job_result, open_job
 from .markers import STATUSES, Layout
 from .scoring import Scorer
 from .stage import DeDeFilter, StageConfig
@@ -194,6 +194,12 @@ def run_pool(ray, spawn, actors: int, tasks: list[dict], watchdog: Watchdog):
                 queue.appendleft(task)
                 submit(pool[-1])
                 continue
+            except ray.exceptions.RayTaskError as err:  # the work raised: a bug or an OOM, not a lost actor
+                raise JobFailed(f"filtering shard {task['index']} ({task['url']}) raised "
+                                f"{type(err.cause).__name__ if err.cause is not None else 'an error'} on Ray. This is an "
+                                "error in the work, not an interrupted run: fix its cause (for an out-of-memory error, "
+                                f"a smaller --batch-size or fewer --actors), then run the same command with --resume "
+                                f"to keep the {finished} finished shards", str(err)) from err
             except ray.exceptions.RayError as err:
                 raise JobInterrupted(f"shard {task['url']} failed on Ray ({type(err).__name__}: {err}); the finished "
                                      "shards are kept: run the same command with --resume to redo the rest") from err

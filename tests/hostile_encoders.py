@@ -40,3 +40,20 @@ def slow_badencoder() -> Slow:
     slow = Slow()
     slow.load_state_dict(load_encoder("fmnist-badencoder").module.state_dict())
     return slow
+
+
+class ShapeBug(SmallCNN):
+    """Raises on real batches (not on the adapter's 2-image probe), as a shape bug or a tensor out of memory
+    would: an error in the work."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if len(images) <= 2:
+            return super().forward(images)
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x256 and 255x64)")
+
+
+def shape_bug_badencoder() -> ShapeBug:
+    """The bundled ``fmnist-badencoder`` weights in :class:`ShapeBug`: the same fingerprint, so its detector loads."""
+    broken = ShapeBug()
+    broken.load_state_dict(load_encoder("fmnist-badencoder").module.state_dict())
+    return broken

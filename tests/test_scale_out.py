@@ -311,3 +311,17 @@ def test_a_lost_actor_is_replaced_and_its_shard_redone(tmp_path, detector, input
     assert results and results[0].job.balanced
     assert "a scorer actor died filtering" in caplog.text
     assert sorted_rows(ds.dataset(str(out / "parquet"), format="parquet")) == local_rows
+
+
+def test_an_error_raised_in_the_work_on_ray_names_the_shard_and_is_not_called_an_interruption(
+        tmp_path, detector, inputs, ray_cluster, capsys):
+    from dedefilter.cli import main
+
+    detector.save(tmp_path / "det.pt")
+    code = main(["filter", inputs[0], "--encoder", "hostile_encoders:shape_bug_badencoder", "--detector",
+                 str(tmp_path / "det.pt"), "--out", str(tmp_path / "out"), "--engine", "ray", "--actors", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"error: filtering shard 0 ({inputs[0]}) raised RuntimeError on Ray. This is an error in the work" in err
+    assert "mat1 and mat2 shapes cannot be multiplied" in err  # the actor's traceback is shown
+    assert "--resume to redo the rest" not in err
