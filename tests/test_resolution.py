@@ -94,3 +94,10 @@ def test_a_patch_size_that_does_not_divide_fails_at_config_time(tmp_path, capsys
                  "--out", str(tmp_path / "det.pt")])
     assert code == 2 and not (tmp_path / "det.pt").exists()
     assert "the decoder's image size 60 is not a multiple of its patch size 8" in capsys.readouterr().err
+
+
+def test_demo_size_flags_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--image-size", "60", "--patch-size", "8"]) == 2
+    assert "the decoder's image size 60 is not a multiple of its patch size 8" in capsys.readouterr().err
+    assert not (tmp_path / ".dedefilter-demo").exists()
