@@ -109,7 +109,10 @@ class Scorer:
             raise ValueError(f"{len(pixels)} images but {len(keys)} keys")
         self._place()
         n, size = len(keys), self.chunk
-        pixels, keys = pad_batch(pixels.contiguous(), list(keys), size)
+        pixels, keys = pad_batch(pixels, list(keys), size)
+        # one memory layout for every chunk (scores must not depend on the batch); channels-last, the layout a
+        # decoded uint8 batch already has: convolutional encoders run ~30% faster on it on a CPU (ResNet-50 at 224)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         embeddings, scores = [], []
         for i in range(0, len(keys), size):
             chunk = pixels[i:i + size].to(self.device, non_blocking=True)
