@@ -94,8 +94,8 @@ class Plan:
     at224: dict | None = None  # ResNet-50 at 224: samples, image side of the shards, workers, batch, rounds, decoders
 
 
-# Shards of 64: a filter pays fixed costs per shard (its Parquet part, stats file), which 16-sample shards
-# inflate (first run: (c) used ~30% more CPU seconds than (b)); a corpus's shards hold thousands.
+# Shards of 64, a multiple of the scorer's chunk of 16: a shard's last chunk is padded, so a shard size that
+# is not a multiple would make (c) score padding that (b) does not embed.
 AT224 = {"samples": 256, "side": 256, "shard_size": 64, "workers": 2, "batch": 64, "rounds": 2,
          "decoders": [[32, 4], [64, 8]]}
 FULL = Plan(samples={"demo": 4096, "resnet18": 2048}, growth=(2048, 8192), train_images={"demo": 1024, "resnet18": 512},
@@ -575,7 +575,8 @@ def render(results: dict) -> str:
     if results.get("at224"):
         spec = results["at224"]["plan"]
         lines += ["", (f"## At 224: torchvision ResNet-50 (random weights) at its own input, {spec['samples']} "
-                       f"Fashion-MNIST images upsampled to {spec['side']} px, {spec['workers']} workers, batch {spec['batch']}"),
+                       f"Fashion-MNIST images upsampled to {spec['side']} px in shards of {spec['shard_size']}, "
+                       f"{spec['workers']} workers, batch {spec['batch']}"),
                   "", "| round | (b) encoder-only | " + " | ".join(f"(c) decoder {d[0]} px, patch {d[1]}"
                                                                  for d in spec["decoders"]) + " | (c)/(b) |",
                   "|---|---|" + "---|" * len(spec["decoders"]) + "---|"]
