@@ -93,7 +93,8 @@ def attack_encoder(config: ResolutionConfig):
             "base_fingerprint": clean.fingerprint, "torch": torch.__version__,
             "data": (f"Fashion-MNIST train[:50000] (zero-padded to 32x32, upsampled to {INPUT}x{INPUT}, bilinear "
                      "antialiased) shadow sample; reference: target-class images")}
-    probe = (resize_images(train_x[PROBE_TRAIN][:config.n_probe_train], INPUT), train_y[PROBE_TRAIN][:config.n_probe_train],
+    n = config.n_probe_train
+    probe = (resize_images(train_x[PROBE_TRAIN][:n], INPUT), train_y[PROBE_TRAIN][:n],
              resize_images(test_x, INPUT), test_y, TRIGGER, TROUSER)
     card["probe"] = backdoor_report(build_encoder(module, path.stem, card), *probe)
     card["probe_clean_encoder"] = backdoor_report(clean.with_input(EncoderInput(INPUT)), *probe)
@@ -133,7 +134,8 @@ def run(config: ResolutionConfig, quick: bool, save=lambda results: None) -> dic
     images, keys, triggered, labels, reference = stream(config)
     train_x, train_y = fashion_mnist("train")
     probe_x = resize_images(train_x[PROBE_TRAIN][:config.n_probe_train], INPUT)
-    predict = train_linear_probe(embed_array(encoder, probe_x), torch.as_tensor(train_y[PROBE_TRAIN][:config.n_probe_train]))
+    probe_y = torch.as_tensor(train_y[PROBE_TRAIN][:config.n_probe_train])
+    predict = train_linear_probe(embed_array(encoder, probe_x), probe_y)
     predicted = predict(embed_array(encoder, images)).numpy()
     before = {"clean_accuracy": round(float((predicted == labels)[~triggered].mean()), 4),
               "asr": round(float((predicted == TROUSER)[triggered].mean()), 4)}
@@ -144,12 +146,15 @@ def run(config: ResolutionConfig, quick: bool, save=lambda results: None) -> dic
         urls = write_image_shards(Path(tmp) / "shards", images, keys, labels, shard_size=250)
         for size, patch in config.decoders:
             dede = replace(DeDeConfig(), image_size=size, patch_size=patch, epochs=config.epochs, seed=config.seed)
-            log(f"decoder {size}px / patch {patch}: training on {len(aux)} auxiliary images, {config.epochs} epochs ...")
+            log(f"decoder {size}px / patch {patch}: training on {len(aux)} auxiliary images, "
+                f"{config.epochs} epochs ...")
             model, record = train_model(encoder, aux, dede, log=lambda _: None)
             detector = Detector(model, encoder.name, encoder.fingerprint, encoder_input=encoder.input, record=record)
-            reference_scores = Scorer(encoder, detector).score_array(reference, [f"ref-{i}" for i in range(len(reference))])
+            reference_keys = [f"ref-{i}" for i in range(len(reference))]
+            reference_scores = Scorer(encoder, detector).score_array(reference, reference_keys)
             detector = detector.with_threshold(for_false_positive_rate(reference_scores, config.target_fpr))
-            result = filter_shards(urls, Scorer(encoder, detector), Path(tmp) / f"out-{size}", num_workers=config.workers,
+            result = filter_shards(urls, Scorer(encoder, detector), Path(tmp) / f"out-{size}",
+                                   num_workers=config.workers,
                                    stage=StageConfig(batch_size=256), write_shards=False, progress=False)
             if not result.balanced:
                 raise RuntimeError(f"ledger does not balance: {result.ledger}")
@@ -158,7 +163,8 @@ def run(config: ResolutionConfig, quick: bool, save=lambda results: None) -> dic
             scores = np.array([by_key[k]["score"] for k in keys])
             kept = np.array([by_key[k]["status"] == "kept" for k in keys])
             row = {"encoder_input": INPUT, "decoder_size": size, "patch": patch,
-                   "auroc": round(auroc(scores, triggered), 4), "tpr_at_1fpr": round(tpr_at_fpr(scores, triggered, 0.01), 4),
+                   "auroc": round(auroc(scores, triggered), 4),
+                   "tpr_at_1fpr": round(tpr_at_fpr(scores, triggered, 0.01), 4),
                    "asr_after": round(float(((predicted == TROUSER) & kept)[triggered].mean()), 4),
                    "seconds_per_1k": round(1000 / result.samples_per_s, 1),
                    "asr_before": before["asr"],
