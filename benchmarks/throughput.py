@@ -12,7 +12,9 @@ with new keys for large counts), each configuration in a fresh subprocess so mem
                               reconstruction until the end (benchmarks/official_loop.py)
 
 for num_workers 0/1/2 and batch sizes 64/256, with the demo's small encoder and with the paper's
-encoder size (ResNet-18, CIFAR stem, 32x32). Timing uses a DeDe model of the paper's size with its
+encoder size (ResNet-18, CIFAR stem, 32x32). At 224 (``--only at224``): a torchvision ResNet-50 at its
+own input (resize 232, crop 224, ImageNet normalisation) over Fashion-MNIST upsampled to 256 px, (b)
+encoder-only against (c) the full filter with a DeDe decoder at 32 and at 64, rounds alternating. Timing uses a DeDe model of the paper's size with its
 seeded initial weights and a threshold that keeps every sample: the compute does not depend on the
 weights, and keeping everything is the most work for the loader. Also measured: decoder-training
 seconds per epoch with and without the embedding cache, and (``--memory``) peak memory streaming
@@ -57,7 +59,7 @@ from dedefilter import (
     load_encoder,
 )
 from dedefilter.attacks.triggers import PatchTrigger, poison
-from dedefilter.data import decode_image, fashion_mnist
+from dedefilter.data import decode_image, fashion_mnist, resize_images
 from dedefilter.demo import BACKDOORED, DemoConfig
 from dedefilter.encoders import embed_array, to_float
 from dedefilter.masking import random_visible
@@ -66,9 +68,10 @@ from dedefilter.model import DeDeModel, patchify
 from dedefilter.scoring import chunk_size
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched
-from dedefilter.training import masked_patch_mse, train_model, training_precision
+from dedefilter.model import masked_patch_mse
+from dedefilter.training import train_model, training_precision
 
-ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar"}
+ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar", "resnet50": "torchvision:resnet50"}
 MODES = ("a", "b", "c", "e", "d")  # e: (c) with the DeDe model under bf16 autocast
 MiB = 2 ** 20
 # Reading a process's PSS (/proc/PID/smaps_rollup) stalls it: sampled every 50 ms, the reads slowed
@@ -89,42 +92,50 @@ class Plan:
     train_images: dict | None = None  # encoder -> decoder-training images (None: skip)
     train_rounds: int = 3
     memory: tuple[int, int] = (10_000, 100_000)  # the --memory streaming run
+    at224: dict | None = None  # ResNet-50 at 224: samples, image side of the shards, workers, batch, rounds, decoders
 
 
-FULL = Plan(samples={"demo": 4096, "resnet18": 2048}, growth=(2048, 8192), train_images={"demo": 1024, "resnet18": 512})
+# Shards of 64, a multiple of the scorer's chunk of 16: a shard's last chunk is padded, so a shard size that
+# is not a multiple would make (c) score padding that (b) does not embed.
+AT224 = {"samples": 256, "side": 256, "shard_size": 64, "workers": 2, "batch": 64, "rounds": 2,
+         "decoders": [[32, 4], [64, 8]]}
+FULL = Plan(samples={"demo": 4096, "resnet18": 2048}, growth=(2048, 8192), train_images={"demo": 1024, "resnet18": 512},
+            at224=AT224)
 QUICK = Plan(samples={"demo": 1024, "resnet18": 256}, workers=(0, 2), growth=(1024, 4096),
-             train_images={"demo": 512, "resnet18": 256}, train_rounds=1)
+             train_images={"demo": 512, "resnet18": 256}, train_rounds=1, at224=AT224 | {"samples": 128, "rounds": 1})
 # One short GPU run (< 4 minutes): its shards (2,048 and 8,192 samples, 45 MB) are built on the CPU
 # machine and carried (the GPU machine has no Fashion-MNIST). Growth runs in the main process, where
 # the CUDA peak is readable: the official loop keeps its reconstructions in GPU memory. Decoder
 # training stays a CPU figure (dedefilter trains on the CPU).
 GPU = Plan(samples={"demo": 8192, "resnet18": 8192}, workers=(4,), batches=(256,), repeats=1,
-           growth=(2048, 8192), growth_workers=0, train_images=None)
+           growth=(2048, 8192), growth_workers=0, train_images=None,
+           at224=AT224 | {"samples": 4096, "shard_size": 512, "workers": 4, "batch": 256, "rounds": 1})
 # The GPU plan's shape at sizes a CPU runs in a few minutes: checks the GPU command before device time is spent.
-SMOKE = replace(GPU, samples={"demo": 256, "resnet18": 32}, growth=(128, 256))
+SMOKE = replace(GPU, samples={"demo": 256, "resnet18": 32}, growth=(128, 256), at224=AT224 | {"samples": 32, "shard_size": 16, "rounds": 1})
 PLANS = {"full": FULL, "quick": QUICK, "gpu": GPU, "smoke": SMOKE}
 
 
 # ---------------------------------------------------------------- shards
 
 
-def build_shards(count: int, root: Path) -> list[str]:
-    """``count`` real Fashion-MNIST test images (repeated with new keys past 10,000) as WebDataset shards.
+def build_shards(count: int, root: Path, side: int = 32, shard_size: int | None = None) -> list[str]:
+    """``count`` real Fashion-MNIST test images (repeated with new keys past 10,000) as WebDataset shards,
+    at their padded 32x32 or upsampled to ``side``.
 
-    At least 16 equal shards (at most 1,000 samples each): DataLoader workers split the data by shard,
-    so fewer shards than workers would leave workers idle.
+    By default at least 16 equal shards (at most 1,000 samples each): DataLoader workers split the data
+    by shard, so fewer shards than workers would leave workers idle.
     """
-    directory = root / f"shards-{count}"
-    shard_size = min(1000, -(-count // 16))
+    directory = root / (f"shards-{count}" if side == 32 else f"shards-{count}-{side}px")
+    shard_size = shard_size or min(1000, -(-count // 16))
     done = directory / "done.json"
     if not done.exists() or json.loads(done.read_text()).get("shard_size") != shard_size:
         shutil.rmtree(directory, ignore_errors=True)
         images, labels = fashion_mnist("test")
         for start in range(0, count, 10_000):
             index = np.arange(start, min(count, start + 10_000))
-            write_image_shards(directory, images[index % len(images)], [f"s{i:07d}" for i in index],
+            write_image_shards(directory, resize_images(images[index % len(images)], side), [f"s{i:07d}" for i in index],
                                labels[index % len(images)], shard_size=shard_size, prefix=f"part{start // 10_000:03d}")
-        done.write_text(json.dumps({"samples": count, "shard_size": shard_size,
+        done.write_text(json.dumps({"samples": count, "shard_size": shard_size, "side": side,
                                     "source": "Fashion-MNIST t10k, repeated with new keys"}))
     return sorted(str(p) for p in directory.glob("*.tar"))
 
@@ -132,10 +143,10 @@ def build_shards(count: int, root: Path) -> list[str]:
 # ---------------------------------------------------------------- one configuration (in a subprocess)
 
 
-def decoded_batches(samples: Iterable[dict], batch_size: int) -> Iterator[torch.Tensor]:
-    """(a): decode and batch, what any image loader does."""
+def decoded_batches(samples: Iterable[dict], batch_size: int, size: int = 32) -> Iterator[torch.Tensor]:
+    """(a): decode and batch, what any image loader does (at the side the encoder's input is cut from)."""
     for batch in batched(samples, batch_size):
-        yield torch.from_numpy(np.stack([decode_image(s["png"]) for s in batch]))
+        yield torch.from_numpy(np.stack([decode_image(s["png"], size) for s in batch]))
 
 
 def embedded_batches(batches: Iterable[torch.Tensor], encoder, device: str) -> Iterator[torch.Tensor]:
@@ -156,10 +167,11 @@ def tensor_batches(samples: Iterable[dict], batch_size: int) -> Iterator[torch.T
         yield torch.stack(batch)
 
 
-def timing_detector(encoder) -> Detector:
-    """A DeDe model of the paper's size with seeded initial weights; its threshold keeps every sample."""
+def timing_detector(encoder, decoder: tuple[int, int] = (32, 4)) -> Detector:
+    """A DeDe model of the paper's size (decoder image and patch side ``decoder``) with seeded initial
+    weights; its threshold keeps every sample."""
     torch.manual_seed(0)
-    model = DeDeModel(DeDeConfig(), encoder.embed_dim).eval()
+    model = DeDeModel(replace(DeDeConfig(), image_size=decoder[0], patch_size=decoder[1]), encoder.embed_dim).eval()
     return Detector(model, encoder.name, encoder.fingerprint, threshold=fixed(float("inf")))
 
 
@@ -174,18 +186,21 @@ def run_loader(config: dict) -> dict:
     urls = config["urls"]
     torch.manual_seed(0)
     encoder = load_encoder(ENCODERS[config["encoder"]])
+    decoder = tuple(config.get("decoder", (32, 4)))
+    size = encoder.input.decode_size  # what the encoder's input is cut from; (c) decodes at the larger of this and the decoder's
     count = 0
     with PeakSampler(SAMPLE_EVERY_S) as memory, tempfile.TemporaryDirectory() as tmp:
         start, cpu_start = time.perf_counter(), cpu_seconds()
         if mode == "a":
-            for images in loader(shard_pipeline(urls, lambda s: decoded_batches(s, batch)), workers):
+            for images in loader(shard_pipeline(urls, lambda s: decoded_batches(s, batch, size)), workers):
                 count += len(images)
         elif mode == "b":
-            stages = (lambda s: decoded_batches(s, batch), lambda b: embedded_batches(b, encoder, device))
+            stages = (lambda s: decoded_batches(s, batch, size), lambda b: embedded_batches(b, encoder, device))
             for embeddings in loader(shard_pipeline(urls, *stages), workers):
                 count += len(embeddings)
         elif mode in ("c", "e"):
-            scorer = Scorer(encoder, timing_detector(encoder), device=device, precision="bf16" if mode == "e" else "fp32")
+            scorer = Scorer(encoder, timing_detector(encoder, decoder), device=device,
+                            precision="bf16" if mode == "e" else "fp32")
             result = filter_shards(urls, scorer, Path(tmp) / "out", stage=StageConfig(batch_size=batch),
                                    num_workers=workers, write_shards=False, progress=False)
             if not result.balanced:
@@ -380,6 +395,34 @@ def loader_section(plan: Plan, root: Path, device: str) -> dict:
             "growth": growth}
 
 
+def at224_section(plan: Plan, root: Path, device: str) -> dict:
+    """ResNet-50 at 224: (b) encoder-only and (c) the full filter with each decoder, rounds alternating so a
+    burst of load on the machine hits all of them."""
+    spec = plan.at224
+    urls = build_shards(spec["samples"], root, spec["side"], spec["shard_size"])
+    common = {"encoder": "resnet50", "workers": spec["workers"], "batch": spec["batch"], "device": device, "urls": urls}
+    runs = [("b", None)] + [("c", tuple(d)) for d in spec["decoders"]]
+    rounds = []
+    for _ in range(spec["rounds"]):
+        done = {}
+        for mode, decoder in runs:
+            result = in_subprocess(common | {"mode": mode} | ({"decoder": list(decoder)} if decoder else {}))
+            done["b" if decoder is None else f"c{decoder[0]}"] = result
+            log(f"at224 {mode} decoder {decoder}: {result['samples_per_s']} samples/s, {result['seconds']} s")
+        rounds.append(done)
+    return {"plan": spec, "rounds": rounds} | at224_ratios(spec, rounds)
+
+
+def at224_ratios(spec: dict, rounds: list[dict]) -> dict:
+    """(c)/(b) per decoder and round, in wall seconds and in CPU seconds (main + workers: robust to other load)."""
+    out = {}
+    for kind, field in (("ratios", "seconds"), ("cpu_ratios", "cpu_seconds")):
+        out[kind] = {f"c{d[0]}_over_b": [round(r[f"c{d[0]}"][field] / r["b"][field], 3) for r in rounds]
+                     for d in spec["decoders"]}
+        out[kind.replace("ratios", "medians")] = {name: statistics.median(v) for name, v in out[kind].items()}
+    return out
+
+
 def training_section(plan: Plan, root: Path) -> dict:
     out = {}
     for name, count in (plan.train_images or {}).items():
@@ -476,6 +519,13 @@ def verdicts(results: dict) -> list[tuple[str, str, bool]]:
                     f"PSS x{memory['pss_ratio']:.3f}"), abs(memory["rss_ratio"] - 1) <= 0.1))
     if results.get("gpu"):
         out += loader_verdicts(results["gpu"], f" (GPU: {results['gpu']['machine']['device_name']})")
+    at224 = results.get("at224")
+    if at224:
+        for name, median in at224["medians"].items():
+            cpu = at224["cpu_medians"][name]
+            out.append((f"ResNet-50 at 224: full filter (decoder {name[1:].split('_')[0]} px) <= 1.1x encoder-only",
+                        (f"median (c)/(b) = {median:.2f} in wall time over rounds {at224['ratios'][name]}; "
+                         f"{cpu:.2f} in CPU seconds over rounds {at224['cpu_ratios'][name]}"), median <= 1.1))
     return out
 
 
@@ -510,7 +560,7 @@ def loader_lines(loaders: dict, title: str) -> list[str]:
 
 
 def render(results: dict) -> str:
-    runs = [results[name] for name in ("loader", "memory") if results.get(name)]
+    runs = [results[name] for name in ("loader", "memory", "at224") if results.get(name)]
     lines = ["# Throughput", "", "Written by " + "; and by ".join(describe(run) for run in runs) + ".",
              ("Each configuration ran in a fresh subprocess; samples/s include DataLoader start-up. "
              "Timing uses a paper-size DeDe model (dim 192, 12 + 4 layers) with its seeded initial weights "
@@ -523,6 +573,20 @@ def render(results: dict) -> str:
         lines.append(f"| {claim} | {figure} | {'yes' if ok else 'NO'} |")
     if results.get("loader"):
         lines += loader_lines(results["loader"], "## Loader throughput (samples/s) and peak memory (PSS MiB, main + workers)")
+    if results.get("at224"):
+        spec = results["at224"]["plan"]
+        lines += ["", (f"## At 224: torchvision ResNet-50 (random weights) at its own input, {spec['samples']} "
+                       f"Fashion-MNIST images upsampled to {spec['side']} px in shards of {spec['shard_size']}, "
+                       f"{spec['workers']} workers, batch {spec['batch']}"),
+                  "", "| round | (b) encoder-only | " + " | ".join(f"(c) decoder {d[0]} px, patch {d[1]}"
+                                                                 for d in spec["decoders"]) + " | (c)/(b) |",
+                  "|---|---|" + "---|" * len(spec["decoders"]) + "---|"]
+        for i, r in enumerate(results["at224"]["rounds"]):
+            cs = [r[f"c{d[0]}"] for d in spec["decoders"]]
+            lines.append(f"| {i + 1} | {r['b']['samples_per_s']:.1f} samples/s, {r['b']['cpu_seconds']:.0f} CPU s | "
+                         + " | ".join(f"{c['samples_per_s']:.1f} samples/s, {c['cpu_seconds']:.0f} CPU s" for c in cs)
+                         + " | " + " / ".join(f"{c['seconds'] / r['b']['seconds']:.2f} (CPU "
+                                              f"{c['cpu_seconds'] / r['b']['cpu_seconds']:.2f})" for c in cs) + " |")
     if results.get("training"):
         lines += ["", "## Decoder training, CPU seconds per epoch on one thread (paper-size DeDe model)", "",
                   ("| encoder | images | precision | embed once (wall s) | epoch, cached (s) | epoch, recomputing (s) "
@@ -569,7 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-dir", default=".dedefilter-demo",
                         help="the demo's work folder: its cached detector is used for the bf16 AUROC check")
     parser.add_argument("--shards-only", action="store_true", help="build the shards this run needs, then stop")
-    parser.add_argument("--only", choices=["loader", "training", "precision"], help="run one section of a CPU run")
+    parser.add_argument("--only", choices=["loader", "training", "precision", "at224"],
+                        help="run one section (at224 also on --device cuda)")
     parser.add_argument("--merge-gpu", metavar="JSON", help="add the loader section of a --device cuda run's "
                         "throughput.json to the results in --out as its GPU section, then stop")
     parser.add_argument("--render", action="store_true", help="only rewrite throughput.md from throughput.json")
@@ -588,6 +653,8 @@ def main(argv: list[str] | None = None) -> None:
                   *(plan.memory if args.memory else ())}
         for count in sorted(counts):
             build_shards(count, root)
+        if plan.at224:
+            build_shards(plan.at224["samples"], root, plan.at224["side"], plan.at224["shard_size"])
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -613,8 +680,12 @@ def main(argv: list[str] | None = None) -> None:
         results = save("memory", run | memory_section(plan, root, args.device, "e" if args.memory_bf16 else "c"))
     else:
         cpu, only = args.device == "cpu", args.only
+        if only == "at224":  # its own section (on a GPU too: --device cuda --out elsewhere)
+            results = save("at224", run | at224_section(plan, root, args.device))
         if only in (None, "loader"):
             results = save("loader", run | loader_section(plan, root, args.device))
+        if only is None and plan.at224:
+            results = save("at224", run | at224_section(plan, root, args.device))
         if only in (None, "training"):
             results = save("training", training_section(plan, root) if cpu else None)
         if only in (None, "precision"):

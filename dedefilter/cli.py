@@ -17,25 +17,26 @@ import numpy as np
 
 from . import calibration
 from .config import DeDeConfig
-from .data import DataUnavailable, fashion_mnist, photo_patches
+from .data import IMAGE_SIZE, DataUnavailable, fashion_mnist, photo_patches, resize_images
 from .detector import CheckpointError, Detector
-from .encoders import load_encoder
+from .encoders import EncoderInput, decode_size, load_encoder
 from .job import JobFailed, JobInterrupted
 from .scoring import PRECISIONS, Scorer
 from .stage import StageConfig
 
 
-def image_source(spec: str, count: int, seed: int) -> np.ndarray:
-    """Images named by a source spec: ``fashion-mnist[:train|test]``, ``photos``, or shard paths/urls."""
+def image_source(spec: str, count: int, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """``count`` images (N, size, size, 3) named by a source spec: ``fashion-mnist[:train|test]`` (its
+    padded 32x32, resized), ``photos`` (crops of that side), or shard paths/urls (decoded at that side)."""
     rng = np.random.default_rng(seed)
     if spec.startswith("fashion-mnist"):
         images, _ = fashion_mnist(spec.partition(":")[2] or "train")
-        return images[np.sort(rng.choice(len(images), min(count, len(images)), replace=False))]
+        return resize_images(images[np.sort(rng.choice(len(images), min(count, len(images)), replace=False))], size)
     if spec == "photos":
-        return photo_patches(count, seed)
+        return photo_patches(count, seed, size=size)
     from .shards import decode_shards
 
-    return decode_shards(spec.split(","), limit=count)
+    return decode_shards(spec.split(","), limit=count, size=size)
 
 
 def count(minimum: int):
@@ -125,11 +126,29 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
                              "--resume then keeps what finished")
 
 
+def add_encoder_input_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("encoder input (default: what the encoder spec says; stored in the detector)")
+    group.add_argument("--encoder-size", type=count(1), help="side of the image the encoder takes")
+    group.add_argument("--encoder-resize", type=count(1), help="resize the shorter side to this, then centre-crop")
+    group.add_argument("--encoder-mean", type=finite, nargs=3, metavar=("R", "G", "B"),
+                       help="per-channel mean to subtract from [0, 1] pixels (with --encoder-std)")
+    group.add_argument("--encoder-std", type=finite, nargs=3, metavar=("R", "G", "B"), help="per-channel std")
+
+
+def encoder_input_from(args: argparse.Namespace, default: EncoderInput) -> EncoderInput:
+    """The encoder's input: its spec's, with the flags given on top (a new size drops the spec's resize)."""
+    given = {name: getattr(args, f"encoder_{name}") for name in ("size", "resize", "mean", "std")}
+    given = {name: tuple(v) if isinstance(v, list) else v for name, v in given.items() if v is not None}
+    if "size" in given and "resize" not in given:
+        given["resize"] = None
+    return replace(default, **given)
+
+
 def cmd_shards(args: argparse.Namespace) -> None:
     from .shards import write_image_shards
 
     images, labels = fashion_mnist(args.split)
-    images, labels = images[:args.limit].copy(), labels[:args.limit]
+    images, labels = images[:args.limit].copy(), labels[:args.limit]  # at 32x32, where the bundled trigger is drawn
     keys = [f"fmnist-{args.split}-{i:05d}" for i in range(len(images))]
     triggered = np.zeros(len(images), bool)
     if args.triggered_fraction:
@@ -141,18 +160,24 @@ def cmd_shards(args: argparse.Namespace) -> None:
         triggered = poison(images, labels, args.triggered_fraction, card["target_class"], trigger,
                            np.random.default_rng(args.seed))
     meta = [{"label": int(y), "triggered": bool(t)} for y, t in zip(labels, triggered, strict=True)]
+    images = resize_images(images, args.image_size)
     paths = write_image_shards(args.out, images, keys, labels, meta, shard_size=args.shard_size)
-    print(f"wrote {len(images)} samples ({int(triggered.sum())} triggered) to {len(paths)} shards in {args.out}")
+    print(f"wrote {len(images)} {args.image_size}x{args.image_size} samples ({int(triggered.sum())} triggered) "
+          f"to {len(paths)} shards in {args.out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .training import train_model
 
+    config = config_from(args)  # a patch size that does not divide the image size fails here, before any work
     encoder = load_encoder(args.encoder)
-    aux = image_source(args.aux, args.n_aux, args.seed or 0)
-    model, record = train_model(encoder, aux, config_from(args))
-    Detector(model, encoder.name, encoder.fingerprint, record=record | {"aux": args.aux}).save(args.out)
-    print(f"saved detector for {encoder.name} to {args.out}: {json.dumps(record)}")
+    encoder = encoder.with_input(encoder_input_from(args, encoder.input))
+    aux = image_source(args.aux, args.n_aux, args.seed or 0, decode_size(encoder.input, config.image_size))
+    model, record = train_model(encoder, aux, config)
+    Detector(model, encoder.name, encoder.fingerprint, record=record | {"aux": args.aux},
+             encoder_input=encoder.input).save(args.out)
+    print(f"saved detector for {encoder.name} (encoder input {encoder.input.size}px, decoder {config.image_size}px, "
+          f"patch {config.patch_size}) to {args.out}: {json.dumps(record)}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -164,8 +189,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             raise ValueError("--encoder is needed to score the reference images (or give --value)")
         encoder = load_encoder(args.encoder)
         detector = Detector.load(args.detector, encoder.fingerprint)
-        images = image_source(args.reference, args.n_reference, args.seed)
         scorer = Scorer(encoder, detector, precision=args.precision)
+        images = image_source(args.reference, args.n_reference, args.seed, scorer.decode_size)
         scores = scorer.score_array(images, [f"reference-{i}" for i in range(len(images))])
         threshold = (calibration.for_false_positive_rate(scores, args.fpr) if args.fpr is not None
                      else calibration.for_contamination(scores, args.contamination))
@@ -250,6 +275,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.quick:
         config = replace(config, n_test=2000, n_aux=2000, n_reference=1000, epochs=3,
                          work_dir=f"{config.work_dir}/quick", results_path=f"{config.work_dir}/quick/demo.json")
+    if args.image_size or args.patch_size:  # another decoder: its own folder, the committed results untouched
+        config = replace(config, image_size=args.image_size or config.image_size,
+                         patch_size=args.patch_size or config.patch_size)
+        DeDeConfig(image_size=config.image_size, patch_size=config.patch_size)  # a clear error now, not after the shards
+        work = f"{config.work_dir}/decoder-{config.image_size}-patch-{config.patch_size}"
+        config = replace(config, work_dir=work, results_path=f"{work}/demo.json")
     run_demo(config)
 
 
@@ -344,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triggered-fraction", type=float, default=0.0,
                    help="paste the bundled backdoor's trigger on this share (non-target classes), for evaluation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=count(1), default=IMAGE_SIZE,
+                   help="side of the stored images: Fashion-MNIST's padded 32x32, resized (a trigger is drawn at 32)")
     p.set_defaults(run=cmd_shards)
 
     p = sub.add_parser("train", help="train a DeDe detector for an encoder on auxiliary images")
@@ -352,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-aux", type=int, default=10_000)
     p.add_argument("--out", required=True)
     add_config_flags(p)
+    add_encoder_input_flags(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("calibrate", help="store a threshold in a detector checkpoint")
@@ -380,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a 1-minute smoke run at small sizes in .dedefilter-demo/quick/")
     p.add_argument("--retrain", action="store_true", help="retrain the cached detectors")
+    p.add_argument("--image-size", type=count(1), help="the decoder's image side (default 32); results in their own folder")
+    p.add_argument("--patch-size", type=count(1), help="the decoder's patch side (default 4); must divide --image-size")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("audit", help="audit Parquet scores offline: statistics, collapse clusters, HTML report")

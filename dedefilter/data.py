@@ -1,8 +1,9 @@
-"""Real images that can be had offline: Fashion-MNIST (Debian package) and photo patches (pip wheels).
+"""Real images that can be had offline: Fashion-MNIST (Debian package) and photo patches (pip wheels);
+one image decoder; the square views that the encoder and the decoder take of a decoded image.
 
-Everything here returns uint8 arrays shaped (N, 32, 32, 3): the one image layout the rest of the
-library consumes. Nothing is downloaded and nothing is synthesised: if the data is missing, the
-error says which package installs it.
+Image sets are uint8 arrays shaped (N, S, S, 3): Fashion-MNIST at its padded 32x32 (upsample it with
+:func:`resize_images`), photo patches at any side. Nothing is downloaded and nothing is synthesised:
+if the data is missing, the error says which package installs it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 # The Debian package's location; DEDEFILTER_FASHION_MNIST points elsewhere (e.g. a copy on a GPU machine).
@@ -23,7 +26,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # Fashion-MNIST's padded side, and the default side of every view
 # Images are checked against this before decoding: a small PNG can declare 100000 x 100000 pixels and
 # would need tens of GB once decoded (a decompression bomb). 8192 x 8192 RGB is ~200 MB.
 MAX_PIXELS = 8192 * 8192
@@ -88,11 +91,12 @@ def load_photo(name: str) -> np.ndarray:
     return image[..., :3].astype(np.uint8)
 
 
-def photo_patches(count: int, seed: int = 0, names: list[str] | None = None) -> np.ndarray:
-    """Random 32x32 crops of the bundled photos: a real, unlabeled out-of-distribution image set.
+def photo_patches(count: int, seed: int = 0, names: list[str] | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Random ``size`` x ``size`` crops of the bundled photos: a real, unlabeled out-of-distribution image set.
 
-    Each photo is first shrunk so its shorter side is 128 px, so a crop shows an object part or a
-    texture rather than a flat patch of a megapixel photo. Photos missing their package are skipped.
+    Each photo is first shrunk so its shorter side is 4 x ``size`` (128 px for 32 px crops), so a crop
+    shows an object part or a texture rather than a flat patch of a megapixel photo; a photo already
+    smaller keeps its pixels (or is enlarged to ``size``). Photos missing their package are skipped.
     """
     rng = np.random.default_rng(seed)
     photos = []
@@ -101,19 +105,60 @@ def photo_patches(count: int, seed: int = 0, names: list[str] | None = None) -> 
             photo = Image.fromarray(load_photo(name))
         except DataUnavailable:
             continue
-        scale = 128 / min(photo.size)
+        scale = max(size, min(4 * size, min(photo.size))) / min(photo.size)
         photos.append(np.asarray(photo.resize((round(photo.width * scale), round(photo.height * scale)),
                                               Image.BILINEAR)))
     if not photos:
         raise DataUnavailable("no bundled photos found: pip install 'dedefilter[photos]'")
     which = rng.integers(len(photos), size=count)
-    patches = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    patches = np.empty((count, size, size, 3), np.uint8)
     for i, p in enumerate(which):
         photo = photos[p]
-        y = rng.integers(photo.shape[0] - IMAGE_SIZE + 1)
-        x = rng.integers(photo.shape[1] - IMAGE_SIZE + 1)
-        patches[i] = photo[y:y + IMAGE_SIZE, x:x + IMAGE_SIZE]
+        y = rng.integers(photo.shape[0] - size + 1)
+        x = rng.integers(photo.shape[1] - size + 1)
+        patches[i] = photo[y:y + size, x:x + size]
     return patches
+
+
+def resize_square(pixels: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Float images (B, C, H, W) -> (B, C, size, size): the centred square, resized (antialiased, as PIL).
+
+    The view a model takes of a decoded batch, in tensor ops (no PIL round trip). An image already at
+    ``size`` is returned untouched, so a 32x32 shard reaches a 32x32 model bit for bit.
+    """
+    h, w = pixels.shape[-2:]
+    side = min(h, w)
+    if h != w:
+        top, left = (h - side) // 2, (w - side) // 2
+        pixels = pixels[..., top:top + side, left:left + side]
+    if side == size:
+        return pixels
+    smooth = mode in ("bilinear", "bicubic")
+    return F.interpolate(pixels, size=(size, size), mode=mode, antialias=smooth,
+                         align_corners=False if smooth else None)
+
+
+def center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """The centred ``size`` x ``size`` crop of square images (B, C, S, S), as torchvision rounds it."""
+    side = pixels.shape[-1]
+    if side == size:
+        return pixels
+    if side < size:
+        raise ValueError(f"cannot crop {size} px from {side} px images")
+    start = int(round((side - size) / 2.0))
+    return pixels[..., start:start + size, start:start + size]
+
+
+def resize_images(images: np.ndarray, size: int, batch_size: int = 512) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3) by :func:`resize_square` (e.g. Fashion-MNIST upsampled)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float()
+        resized = resize_square(pixels, size).round_().clamp_(0, 255).to(torch.uint8)
+        out[i:i + batch_size] = resized.permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def decode_image(data: bytes, size: int = IMAGE_SIZE, max_pixels: int = MAX_PIXELS) -> np.ndarray:

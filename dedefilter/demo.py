@@ -48,6 +48,8 @@ class DemoConfig:
     batch_size: int = 256
     seed: int = 0
     retrain: bool = False
+    image_size: int = 32  # the decoder's view; the bundled encoders take 32x32 (their shards are 32x32)
+    patch_size: int = 4
 
 
 def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, config: DemoConfig,
@@ -64,9 +66,11 @@ def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, confi
         except CheckpointError as err:
             log(f"retraining: {err}")
     log(f"training a DeDe detector for {encoder.name} on {len(aux)} auxiliary images ...")
-    model, record = train_model(encoder, aux, replace(DeDeConfig(), epochs=config.epochs, seed=config.seed), log=log)
-    detector = Detector(model, encoder.name, encoder.fingerprint,
-                        record=record | {"demo": made_with})
+    dede = replace(DeDeConfig(), epochs=config.epochs, seed=config.seed, image_size=config.image_size,
+                   patch_size=config.patch_size)
+    model, record = train_model(encoder, aux, dede, log=log)
+    detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"demo": made_with},
+                        encoder_input=encoder.input)
     keys = [f"reference-{i:05d}" for i in range(len(reference))]
     reference_scores = Scorer(encoder, detector).score_array(reference, keys)
     detector = detector.with_threshold(for_false_positive_rate(reference_scores, config.target_fpr))

@@ -1,5 +1,8 @@
 """A trained detector: the DeDe model, its config, its threshold and the encoder it belongs to.
 
+Two resolutions live in a checkpoint: the decoder's (``config.image_size``, ``config.patch_size``) and
+the encoder's input it was trained with (:class:`~dedefilter.encoders.EncoderInput`; checkpoints from
+before it was recorded use the encoder's own, which was 32x32 for every encoder they could be made for).
 Checkpoints hold only tensors and plain values and load with ``weights_only=True``, so a file from a
 stranger cannot run code; a detector made for another encoder is refused.
 """
@@ -16,9 +19,11 @@ import torch
 
 from .calibration import Threshold
 from .config import DeDeConfig
+from .encoders import EncoderInput
 from .model import DeDeModel
 
 CHECKPOINT_FORMAT = "dedefilter-detector/1"
+FIELDS = ("config", "embed_dim", "state_dict", "encoder_name", "encoder_fingerprint", "threshold", "record")
 
 
 class CheckpointError(ValueError):
@@ -32,6 +37,7 @@ class Detector:
     encoder_fingerprint: str
     threshold: Threshold | None = None
     record: dict | None = None
+    encoder_input: EncoderInput | None = None  # None: the encoder's own input (its spec's default)
 
     @property
     def config(self) -> DeDeConfig:
@@ -42,9 +48,12 @@ class Detector:
         """Identifies the weights and the encoder they were trained for, so every Parquet row says which
         model scored it. Hashed once (28 MB at the paper's size): a detector's weights are frozen."""
         digest = hashlib.sha256(self.encoder_fingerprint.encode())
+        if self.encoder_input is not None:
+            digest.update(json.dumps(self.encoder_input.to_dict(), sort_keys=True).encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
+            # the raw bytes, wherever the model was moved (a GPU) and whatever its dtype (bf16 has no numpy type)
+            digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
         return f"dede-{digest.hexdigest()[:12]}"
 
     def with_threshold(self, threshold: Threshold) -> Detector:
@@ -60,6 +69,7 @@ class Detector:
             "encoder_fingerprint": self.encoder_fingerprint,
             "threshold": json.dumps(self.threshold.to_dict() if self.threshold else None),
             "record": json.dumps(self.record or {}),
+            "encoder_input": json.dumps(self.encoder_input.to_dict() if self.encoder_input else None),
         }, path)
 
     @classmethod
@@ -68,13 +78,20 @@ class Detector:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"detector checkpoint {path} does not exist")
+        not_ours = (f"{path} is not a dedefilter detector checkpoint: make one with `dedefilter train` "
+                    "(and `dedefilter calibrate`), or give the file those commands wrote")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{not_ours} (the file is empty)")
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle, zip and torch raise many types for a bad file
-            raise CheckpointError(f"{path} is not a loadable dedefilter detector checkpoint "
-                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+            detail = (str(err).splitlines() or [""])[0].split(". ")[0][:160]  # torch's advice to unpickle unsafely: not ours
+            raise CheckpointError(f"{not_ours} (torch.load cannot read it, the file is damaged or of another kind: "
+                                  f"{type(err).__name__}{': ' + detail if detail else ''})") from None
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not a dedefilter detector checkpoint (format {CHECKPOINT_FORMAT!r})")
+            raise CheckpointError(f"{not_ours} (no format {CHECKPOINT_FORMAT!r})")
+        if missing := [name for name in FIELDS if name not in checkpoint]:
+            raise CheckpointError(f"{path} is a damaged dedefilter detector checkpoint: it lacks {', '.join(missing)}")
         if encoder_fingerprint is not None and checkpoint["encoder_fingerprint"] != encoder_fingerprint:
             raise CheckpointError(
                 f"{path} was trained for encoder {checkpoint['encoder_name']!r} "
@@ -83,10 +100,15 @@ class Detector:
         try:
             model = DeDeModel(DeDeConfig(**checkpoint["config"]), checkpoint["embed_dim"])
             model.load_state_dict(checkpoint["state_dict"])
-        except (TypeError, RuntimeError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: config or weights do not match the DeDe model: {err}") from None
-        threshold = json.loads(checkpoint["threshold"])
-        return cls(model=model.eval(), encoder_name=checkpoint["encoder_name"],
-                   encoder_fingerprint=checkpoint["encoder_fingerprint"],
-                   threshold=Threshold(**threshold) if threshold else None,
-                   record=json.loads(checkpoint["record"]))
+        try:
+            threshold = json.loads(checkpoint["threshold"])
+            encoder_input = json.loads(checkpoint.get("encoder_input", "null"))
+            return cls(model=model.eval(), encoder_name=checkpoint["encoder_name"],
+                       encoder_fingerprint=checkpoint["encoder_fingerprint"],
+                       threshold=Threshold(**threshold) if threshold else None,
+                       record=json.loads(checkpoint["record"]),
+                       encoder_input=EncoderInput(**encoder_input) if encoder_input else None)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: unreadable threshold, record or encoder input: {err}") from None

@@ -1,12 +1,18 @@
 """One adapter so any frozen image encoder plugs into the filter.
 
-An encoder maps float images (B, 3, H, W) in [0, 1] to embeddings (B, D). It may be:
-- a bundled checkpoint trained by this project (``fmnist-simclr``, ``fmnist-badencoder``),
-- a dedefilter encoder checkpoint file (``*.pt`` written by :func:`save_encoder`),
-- a ``torch.export`` archive (``*.pt2``) or a TorchScript file, taking [0, 1] images,
-- ``torchvision:NAME`` (optionally ``torchvision:NAME@weights.pt``), head removed, ImageNet normalisation,
-- ``package.module:factory``, a callable returning such an ``nn.Module``.
-The fingerprint (a hash of the weights) ties a trained detector to the encoder it was trained for.
+An encoder maps float images (B, 3, H, W) in [0, 1] to embeddings (B, D), after its own preprocessing:
+an :class:`EncoderInput` (side, resize-then-centre-crop rule, normalisation) that the spec carries.
+The encoder may be:
+- a bundled checkpoint trained by this project (``fmnist-simclr``, ``fmnist-badencoder``): 32x32, no
+  normalisation (the card's ``input`` says otherwise when it differs),
+- a dedefilter encoder checkpoint file (``*.pt`` written by :func:`save_encoder`), its card's ``input``,
+- a ``torch.export`` archive (``*.pt2``) or a TorchScript file, taking [0, 1] images at 32x32 unless
+  told otherwise (``dedefilter train --encoder-size/--encoder-resize/--encoder-mean/--encoder-std``),
+- ``torchvision:NAME`` (optionally ``torchvision:NAME@weights.pt``), head removed, with the input its
+  weights enum's transforms describe (resnet50: resize 232, crop 224, ImageNet mean/std),
+- ``package.module:factory``, a callable returning such an ``nn.Module`` (32x32 unless told otherwise).
+The fingerprint (a hash of the weights) ties a trained detector to the encoder it was trained for; the
+detector stores the encoder input it was trained with.
 """
 
 from __future__ import annotations
@@ -15,17 +21,21 @@ import hashlib
 import importlib
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .data import IMAGE_SIZE, center_crop, resize_square
+
 ENCODER_FORMAT = "dedefilter-encoder/1"
 BUNDLED_DIR = Path(__file__).parent / "weights"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+HEADS = ("fc", "classifier", "heads", "head")  # the attribute holding a torchvision model's classifier
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -55,17 +65,56 @@ class SmallCNN(nn.Module):
         return self.features(images * 2 - 1)
 
 
-class Normalized(nn.Module):
-    """Applies a fixed mean/std normalisation before a backbone that expects it."""
+@dataclass(frozen=True)
+class EncoderInput:
+    """How a decoded image becomes the encoder's input, as torchvision's classification transforms do it:
+    the centred square resized to ``resize`` (default: ``size``), centre-cropped to ``size``, then
+    ``(x - mean) / std`` per channel (no mean/std: the encoder takes [0, 1] pixels as they are).
 
-    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.backbone = backbone
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+    Stored in the detector checkpoint, so calibration and filtering feed the encoder exactly what
+    training did, whatever the decoder's own image size.
+    """
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone((images - self.mean) / self.std)
+    size: int = IMAGE_SIZE
+    resize: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or (self.resize is not None and self.resize < self.size):
+            raise ValueError(f"encoder input: size {self.size} must be positive and resize {self.resize} at least the size")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("encoder input: give both mean and std, or neither")
+        if self.mean is not None:  # a JSON round trip gives lists; compare and hash as tuples of floats
+            object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+            object.__setattr__(self, "std", tuple(float(d) for d in self.std))
+            if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+                raise ValueError(f"encoder input: mean and std need 3 values (RGB), std > 0; got {self.mean}, {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"encoder input: interpolation must be one of {INTERPOLATIONS}, not {self.interpolation!r}")
+
+    @property
+    def decode_size(self) -> int:
+        """The side an image needs before this input is cut from it."""
+        return self.resize or self.size
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float images (B, 3, H, W) in [0, 1], any size -> the encoder's input (B, 3, size, size)."""
+        pixels = center_crop(resize_square(pixels, self.decode_size, self.interpolation), self.size)
+        if self.mean is None:
+            return pixels
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels - mean) / std
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_size(encoder_input: EncoderInput, decoder_size: int) -> int:
+    """Each image is decoded once at this side; the encoder's and the decoder's views are cut from it."""
+    return max(encoder_input.decode_size, decoder_size)
 
 
 class Exported(nn.Module):
@@ -93,18 +142,23 @@ class Encoder:
     name: str
     fingerprint: str
     card: dict
+    input: EncoderInput = EncoderInput()
     embed_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.module.eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
-        self.embed_dim = self.embed(torch.zeros(2, 3, 32, 32)).shape[1]
+        self.embed_dim = self.embed(torch.zeros(2, 3, self.input.size, self.input.size)).shape[1]
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float in [0, 1] -> (B, D) float32 embeddings."""
-        return self.module(images).float().flatten(1)
+        """(B, 3, H, W) float in [0, 1], any size -> (B, D) float32 embeddings of the encoder's own view."""
+        return self.module(self.input.prepare(images)).float().flatten(1)
+
+    def with_input(self, encoder_input: EncoderInput) -> Encoder:
+        """The same frozen module fed another input (e.g. the one a detector was trained with)."""
+        return self if encoder_input == self.input else replace(self, input=encoder_input)
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -122,8 +176,13 @@ def save_encoder(module: nn.Module, path: str | Path, arch: str, card: dict) -> 
                 "card": json.dumps(card, sort_keys=True)}, path)
 
 
-def build_encoder(module: nn.Module, name: str, card: dict | None = None) -> Encoder:
-    return Encoder(module=module, name=name, fingerprint=fingerprint(module), card=card or {})
+def build_encoder(module: nn.Module, name: str, card: dict | None = None,
+                  encoder_input: EncoderInput | None = None) -> Encoder:
+    """A frozen :class:`Encoder`; its input is ``encoder_input``, else the card's ``input``, else 32x32 [0, 1]."""
+    card = card or {}
+    if encoder_input is None:
+        encoder_input = EncoderInput(**card["input"]) if "input" in card else EncoderInput()
+    return Encoder(module=module, name=name, fingerprint=fingerprint(module), card=card, input=encoder_input)
 
 
 def bundled_encoders() -> list[str]:
@@ -181,25 +240,66 @@ def resnet18_cifar() -> nn.Module:
     return model
 
 
+def torchvision_input(name: str) -> EncoderInput:
+    """The input a torchvision model's weights enum describes (its transforms: resize, crop, mean/std,
+    interpolation; read from the enum, nothing is downloaded); ImageNet's 256 -> 224 when it has none."""
+    import torchvision
+
+    try:
+        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        return EncoderInput(size=transforms.crop_size[0], resize=transforms.resize_size[0],
+                            mean=tuple(transforms.mean), std=tuple(transforms.std),
+                            interpolation=transforms.interpolation.value)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return EncoderInput(224, 256, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def load_weights(backbone: nn.Module, path: Path, head: str | None, name: str) -> None:
+    """Load a user's state dict strictly: only the removed classifier's keys (``head.*``) may be extra.
+    A file for another model must fail here, not leave a random encoder with a valid fingerprint."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} for torchvision:{name} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch raise many types for a bad file
+        raise ValueError(f"{path} is not a readable state dict ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0][:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (parameter name -> tensor): save "
+                         f"`torchvision.models.{name}(...).state_dict()` with torch.save")
+    if head is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
+    expected = backbone.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+                    for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (wrong, "with another shape"))
+                    if keys]
+        raise ValueError(f"{path} does not hold torchvision {name} weights: {'; '.join(problems)} "
+                         f"parameters; give the state dict of torchvision.models.{name}")
+    backbone.load_state_dict(state)
+
+
 def _load_torchvision(spec: str) -> Encoder:
     import torchvision
 
     name, _, weights = spec.partition("@")
     if name == "resnet18_cifar":
-        backbone = resnet18_cifar()
+        backbone, head = resnet18_cifar(), "fc"
+        encoder_input = EncoderInput(IMAGE_SIZE, None, IMAGENET_MEAN, IMAGENET_STD)
     else:
         try:
             backbone = torchvision.models.get_model(name, weights=None)
         except ValueError as err:
             raise ValueError(f"unknown torchvision model {name!r}") from err
-        for head in ("fc", "classifier", "heads", "head"):
-            if hasattr(backbone, head):
-                setattr(backbone, head, nn.Identity())
-                break
+        head = next((h for h in HEADS if hasattr(backbone, h)), None)
+        if head is not None:
+            setattr(backbone, head, nn.Identity())
+        encoder_input = torchvision_input(name)
     if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        backbone.load_state_dict(state, strict=False)
-    return build_encoder(Normalized(backbone, IMAGENET_MEAN, IMAGENET_STD), f"torchvision:{spec}")
+        load_weights(backbone, Path(weights), head, name)
+    return build_encoder(backbone, f"torchvision:{spec}", encoder_input=encoder_input)
 
 
 def _load_factory(spec: str) -> Encoder:
@@ -215,7 +315,8 @@ def _load_factory(spec: str) -> Encoder:
 
 
 def embed_array(encoder: Encoder, images: np.ndarray, batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
-    """Embed a uint8 (N, H, W, 3) array in batches: the embedding cache that decoder training reuses.
-    ``device`` is where the encoder's module lives (the result stays there)."""
+    """Embed a uint8 (N, H, W, 3) array in batches, each image through the encoder's own input: the
+    embedding cache that decoder training reuses. ``device`` is where the encoder's module lives (the
+    result stays there)."""
     return torch.cat([encoder.embed(to_float(images[i:i + batch_size]).to(device))
                       for i in range(0, len(images), batch_size)])

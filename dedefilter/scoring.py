@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .data import resize_square
 from .detector import CheckpointError, Detector
-from .encoders import Encoder, to_float
+from .encoders import Encoder, decode_size, to_float
 from .masking import key_seeds, keyed_visible
 from .model import masked_patch_mse, patchify
 
@@ -46,7 +47,11 @@ def pad_batch(pixels: torch.Tensor, keys: list[str], chunk: int = CHUNK) -> tupl
 
 
 class Scorer:
-    """Scores batches of uint8 images (B, S, S, 3) with one encoder and one detector.
+    """Scores batches of images with one encoder and one detector.
+
+    Each image comes decoded once, at :attr:`decode_size`; the encoder's view (its own size and
+    normalisation, as the detector was trained with) and the decoder's view (``config.image_size``)
+    are both cut from it with tensor ops.
 
     ``precision="bf16"`` runs the DeDe model (not the encoder) under bfloat16 autocast: about 2.5x
     faster on CPUs with native bf16; scores differ from fp32 by bf16 rounding, so calibrate the
@@ -63,7 +68,7 @@ class Scorer:
             raise CheckpointError(
                 f"detector was trained for encoder {detector.encoder_name!r} ({detector.encoder_fingerprint}), "
                 f"not {encoder.name!r} ({encoder.fingerprint})")
-        self.encoder = encoder
+        self.encoder = encoder.with_input(detector.encoder_input) if detector.encoder_input else encoder
         self.detector = detector
         self.config = detector.config
         if precision not in PRECISIONS:
@@ -73,6 +78,11 @@ class Scorer:
         self.chunk = chunk_size(self.device)
         self._placed = self.device.type == "cpu"
 
+    @property
+    def decode_size(self) -> int:
+        """The side to decode images at: the larger of the encoder's and the decoder's needs."""
+        return decode_size(self.encoder.input, self.config.image_size)
+
     def _place(self) -> None:
         if not self._placed:
             self.encoder.module.to(self.device)
@@ -80,7 +90,7 @@ class Scorer:
             self._placed = True
 
     def score(self, images: np.ndarray | torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
-        """Score uint8 images (B, S, S, 3)."""
+        """Score uint8 images (B, H, W, 3), best decoded at :attr:`decode_size`."""
         return self.score_pixels(to_float(images), keys)
 
     def score_array(self, images: np.ndarray, keys: Sequence[str], batch_size: int = 512) -> np.ndarray:
@@ -90,20 +100,24 @@ class Scorer:
 
     @torch.inference_mode()
     def score_pixels(self, pixels: torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
-        """Score float images (B, 3, S, S) in [0, 1]."""
-        size = self.config.image_size
-        if pixels.shape[1:] != (3, size, size):
-            raise ValueError(f"images must be (B, 3, {size}, {size}) for this detector, got {tuple(pixels.shape)}")
+        """Score float images (B, 3, H, W) in [0, 1]; the encoder and the decoder each get their own view
+        (the centred square, resized), per fixed-size chunk so a sample's score never depends on its batch."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) RGB, got {tuple(pixels.shape)}")
         if len(keys) != len(pixels):
             raise ValueError(f"{len(pixels)} images but {len(keys)} keys")
         self._place()
         n, size = len(keys), self.chunk
-        pixels, keys = pad_batch(pixels.contiguous(), list(keys), size)
+        pixels, keys = pad_batch(pixels, list(keys), size)
+        # one memory layout for every chunk (scores must not depend on the batch); channels-last, the layout a
+        # decoded uint8 batch already has: convolutional encoders run ~30% faster on it on a CPU (ResNet-50 at 224)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         embeddings, scores = [], []
         for i in range(0, len(keys), size):
             chunk = pixels[i:i + size].to(self.device, non_blocking=True)
             embeddings.append(self.encoder.embed(chunk))
-            scores.append(self.reconstruction_error(chunk, embeddings[-1], keys[i:i + size]))
+            decoder_view = resize_square(chunk, self.config.image_size)
+            scores.append(self.reconstruction_error(decoder_view, embeddings[-1], keys[i:i + size]))
         return ScoredBatch(torch.cat(scores)[:n].cpu().numpy(), torch.cat(embeddings)[:n].cpu().numpy())
 
     @torch.inference_mode()

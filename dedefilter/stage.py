@@ -228,7 +228,7 @@ class DeDeFilter:
                 break
         else:
             raise ValueError(f"no image field (looked for {', '.join(self.config.image_fields)})")
-        return decode_image(data, self.scorer.config.image_size)
+        return decode_image(data, self.scorer.decode_size)  # once; the scorer cuts both views from it
 
     def _decide(self, scores: np.ndarray) -> Decision:
         finite = np.isfinite(scores)

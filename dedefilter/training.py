@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .config import DeDeConfig
+from .data import resize_square
 from .encoders import Encoder, embed_array, to_float
 from .masking import random_visible
 from .model import DeDeModel, masked_patch_mse, patchify
@@ -32,12 +33,14 @@ def training_precision(requested: str, device: str = "cpu") -> str:
 def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeConfig(),
                 log=print, device: str = "cpu") -> tuple[DeDeModel, dict]:
     """Train on uint8 images (N, S, S, 3), embedding each image once; the model returns on the CPU.
-    ``device`` is where the encoder's module lives and where training runs."""
+    The encoder sees its own input (``encoder.input``) and the decoder ``config.image_size``, both cut
+    from the same images. ``device`` is where the encoder's module lives and where training runs."""
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     embeddings = embed_array(encoder, images, device=device)
     embed_seconds = time.perf_counter() - start
-    patches = patchify(to_float(images), config.patch_size).to(device)
+    patches = torch.cat([patchify(resize_square(to_float(images[i:i + 512]), config.image_size), config.patch_size)
+                         for i in range(0, len(images), 512)]).to(device)
     model = DeDeModel(config, embeddings.shape[1]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)

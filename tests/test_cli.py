@@ -36,7 +36,7 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     code = main(["filter", "x.tar", "--encoder", "fmnist-badencoder", "--detector", str(tmp_path / "bad.pt"),
                  "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "not a loadable dedefilter detector checkpoint" in capsys.readouterr().err
+    assert "bad.pt is not a dedefilter detector checkpoint" in capsys.readouterr().err
 
 
 def test_shards_command_writes_fashion_mnist_with_planted_triggers(tmp_path):

@@ -6,9 +6,10 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from dedefilter.data import decode_image, encode_png, photo_patches
+from dedefilter.data import decode_image, encode_png, photo_patches, resize_images, resize_square
 from dedefilter.shards import read_shard, write_image_shards
 
 
@@ -53,3 +54,19 @@ def test_shards_round_trip_exactly(tmp_path, fmnist_test):
     assert all(np.array_equal(decode_image(s["png"]), images[i]) for i, s in enumerate(samples))
     assert int(samples[7]["cls"]) == labels[7]
     assert encode_png(images[0])[:4] == b"\x89PNG"
+
+
+def test_views_are_exact_at_their_own_size_and_resize_like_pil(fmnist_test):
+    images, _ = fmnist_test
+    pixels = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float()
+    assert resize_square(pixels, 32) is pixels  # a 32x32 shard reaches a 32x32 model untouched
+    upsampled = resize_images(images[:8], 64)
+    pil = np.stack([np.asarray(Image.fromarray(image).resize((64, 64), Image.BILINEAR)) for image in images[:8]])
+    assert upsampled.shape == (8, 64, 64, 3) and np.abs(upsampled.astype(int) - pil).max() <= 2
+    wide = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
+    assert torch.equal(resize_square(wide, 4), wide[..., 1:5])  # the centred square of a landscape image
+
+
+def test_photo_patches_come_at_the_size_asked_for():
+    patches = photo_patches(4, seed=0, size=96)
+    assert patches.shape == (4, 96, 96, 3) and np.abs(np.diff(patches.astype(int), axis=2)).mean() < 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from dedefilter import CheckpointError, Detector, Scorer, load_encoder
+from dedefilter.encoders import EncoderInput
 
 
 def test_round_trip_keeps_scores_threshold_and_id(tmp_path, detector, encoder, shard_data):
@@ -23,11 +25,51 @@ def test_round_trip_keeps_scores_threshold_and_id(tmp_path, detector, encoder, s
     assert np.array_equal(before, after)
 
 
-def test_garbage_file_gives_a_clear_error(tmp_path):
+@pytest.mark.parametrize("content", [os.urandom(4096), b"", b"\x80\x02.", b"hello"],
+                         ids=["random", "empty", "empty-pickle", "text"])
+def test_garbage_file_gives_a_clear_error(tmp_path, content):
     path = tmp_path / "garbage.pt"
-    path.write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError, match="not a loadable dedefilter detector checkpoint"):
+    path.write_bytes(content)  # on main: "IndexError: list index out of range" / "(IndexError: pop from empty list)"
+    with pytest.raises(CheckpointError, match=r"garbage.pt is not a dedefilter detector checkpoint: make one with "
+                                              r"`dedefilter train`"):
         Detector.load(path)
+
+
+def test_a_checkpoint_missing_fields_is_named_damaged(tmp_path):
+    torch.save({"format": "dedefilter-detector/1", "config": {}}, tmp_path / "cut.pt")  # on main: KeyError 'embed_dim'
+    with pytest.raises(CheckpointError, match="damaged dedefilter detector checkpoint: it lacks embed_dim, state_dict"):
+        Detector.load(tmp_path / "cut.pt")
+
+
+def test_model_id_survives_a_bf16_cast(detector):
+    """The id hashes raw bytes: on main, ``.numpy()`` fails for bf16 (as it does for CUDA tensors)."""
+    cast = Detector(copy.deepcopy(detector.model).to(torch.bfloat16), detector.encoder_name,
+                    detector.encoder_fingerprint)
+    assert cast.model_id.startswith("dede-") and cast.model_id != detector.model_id
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_model_id_is_the_same_after_a_move_to_cuda(detector):
+    on_cpu = Detector(copy.deepcopy(detector.model), detector.encoder_name, detector.encoder_fingerprint)
+    on_gpu = Detector(copy.deepcopy(detector.model).cuda(), detector.encoder_name, detector.encoder_fingerprint)
+    assert on_gpu.model_id == on_cpu.model_id == detector.model_id  # on main: "can't convert cuda tensor to numpy"
+
+
+def test_the_encoder_input_round_trips_and_old_checkpoints_keep_32(tmp_path, detector, encoder, shard_data):
+    images, _, keys = shard_data
+    wider = Detector(detector.model, encoder.name, encoder.fingerprint, detector.threshold,
+                     encoder_input=EncoderInput(size=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    wider.save(tmp_path / "wide.pt")
+    loaded = Detector.load(tmp_path / "wide.pt", encoder.fingerprint)
+    assert loaded.encoder_input == wider.encoder_input and loaded.model_id == wider.model_id != detector.model_id
+    assert Scorer(encoder, loaded).decode_size == 72
+    old = torch.load(tmp_path / "wide.pt", weights_only=True)
+    del old["encoder_input"]  # as written before the record existed
+    torch.save(old, tmp_path / "old.pt")
+    legacy = Detector.load(tmp_path / "old.pt", encoder.fingerprint)
+    assert legacy.encoder_input is None and Scorer(encoder, legacy).encoder.input == EncoderInput(size=32)
+    assert np.array_equal(Scorer(encoder, legacy).score(images[:32], keys[:32]).scores,
+                          Scorer(encoder, detector).score(images[:32], keys[:32]).scores)
 
 
 class Payload:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dedefilter.attacks.triggers import PatchTrigger
-from dedefilter.encoders import load_encoder
+from dedefilter.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderInput, fingerprint, load_encoder
 from dedefilter.probe import backdoor_report
 
 
@@ -71,3 +71,49 @@ def test_unknown_specs_fail_clearly(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable encoder checkpoint"):
         load_encoder(str(tmp_path / "junk.pt"))
+
+
+def test_a_torchvision_weights_file_loads_strictly(tmp_path):
+    import torchvision
+
+    source = torchvision.models.resnet18(weights=None)  # stands in for trained weights: a full state dict, head included
+    torch.save(source.state_dict(), tmp_path / "resnet18.pt")
+    loaded = load_encoder(f"torchvision:resnet18@{tmp_path / 'resnet18.pt'}")
+    source.fc = torch.nn.Identity()
+    assert loaded.fingerprint == fingerprint(source)
+    images = torch.rand(2, 3, 224, 224)
+    torch.testing.assert_close(loaded.module(images), source.eval()(images))
+
+
+@pytest.mark.parametrize("wrong", ["another model", "not a state dict"])
+def test_a_wrong_torchvision_weights_file_is_refused(tmp_path, wrong):
+    import torchvision
+
+    state = torchvision.models.resnet34(weights=None).state_dict() if wrong == "another model" else {"model": {}}
+    torch.save(state, tmp_path / "weights.pt")
+    # on main: loaded with strict=False, a random resnet18 with a valid fingerprint and no word
+    with pytest.raises(ValueError, match=r"weights.pt (does not hold torchvision resnet18 weights|is not a state dict)"):
+        load_encoder(f"torchvision:resnet18@{tmp_path / 'weights.pt'}")
+
+
+def test_torchvision_specs_carry_their_weights_transforms():
+    assert load_encoder("torchvision:resnet50").input == EncoderInput(224, 232, IMAGENET_MEAN, IMAGENET_STD)
+    assert load_encoder("torchvision:resnet18_cifar").input == EncoderInput(32, None, IMAGENET_MEAN, IMAGENET_STD)
+    assert load_encoder("fmnist-badencoder").input == EncoderInput(32)
+
+
+def test_the_encoder_receives_its_own_size_and_normalisation():
+    """torchvision's own transforms on a real photo give exactly what reaches the backbone."""
+    from torchvision.transforms import v2
+
+    from dedefilter.data import load_photo
+
+    encoder = load_encoder("torchvision:resnet18")
+    seen = []
+    hook = encoder.module.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    photo = torch.from_numpy(load_photo("astronaut")).permute(2, 0, 1)[None].float() / 255  # 512x512
+    encoder.embed(photo)
+    hook.remove()
+    reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    assert seen[0].shape == (1, 3, 224, 224)
+    torch.testing.assert_close(seen[0], reference(photo))

@@ -260,8 +260,8 @@ def test_a_checkpoint_whose_weights_are_for_another_image_size_is_refused(tmp_pa
     torch.save(checkpoint, tmp_path / "det-mislabelled.pt")
     with pytest.raises(CheckpointError, match="config or weights do not match the DeDe model"):
         Detector.load(tmp_path / "det-mislabelled.pt", encoder.fingerprint)
-    with pytest.raises(ValueError, match=r"images must be \(B, 3, 64, 64\) for this detector"):
-        Scorer(encoder, bigger).score_pixels(torch.zeros(2, 3, 32, 32), ["a", "b"])
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\) RGB, got \(2, 1, 64, 64\)"):
+        Scorer(encoder, bigger).score_pixels(torch.zeros(2, 1, 64, 64), ["a", "b"])  # any size is resized; not any layout
 
 
 class Payload:
