@@ -65,10 +65,10 @@ from dedefilter.encoders import embed_array, to_float
 from dedefilter.masking import random_visible
 from dedefilter.metrics import auroc
 from dedefilter.model import DeDeModel, patchify
+from dedefilter.model import masked_patch_mse
 from dedefilter.scoring import chunk_size
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched
-from dedefilter.model import masked_patch_mse
 from dedefilter.training import train_model, training_precision
 
 ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar", "resnet50": "torchvision:resnet50"}
