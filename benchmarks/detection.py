@@ -278,9 +278,9 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
 
     for mode in AUX_MODES:
         detector = get_detector(encoder, name, mode, trigger, target, config, log)
-        variants = methods.DeDeVariants(detector.model, encoder, device)
+        variants = methods.DeDeVariants(detector, encoder, device)
         own = {
-            "dede": (variants.paper(stream.pixels), variants.paper(stream.reference)),
+            "dede": (variants.paper(stream.pixels, stream.keys), variants.paper(stream.reference, stream.reference_keys)),
             "dede-mean8": (variants.mean_over_masks(stream.pixels, stream.keys),
                            variants.mean_over_masks(stream.reference, stream.reference_keys)),
             "dede-embedding": (variants.embedding_consistency(stream.pixels),

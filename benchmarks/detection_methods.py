@@ -19,10 +19,11 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from dedefilter.config import DeDeConfig
+from dedefilter.detector import Detector
 from dedefilter.encoders import Encoder
 from dedefilter.masking import key_seeds, keyed_visible
-from dedefilter.model import DeDeModel, patchify, unpatchify
-from dedefilter.model import masked_patch_mse
+from dedefilter.model import masked_patch_mse, patchify, unpatchify
+from dedefilter.scoring import Scorer
 
 BATCH = 500
 KNN_K = 10
@@ -101,10 +102,11 @@ def masking_consistency(encoder: Encoder, pixels: torch.Tensor, device: str, see
 class DeDeVariants:
     """Per-sample scores of one trained DeDe model (on ``device``) for a frozen encoder."""
 
-    def __init__(self, model: DeDeModel, encoder: Encoder, device: str):
-        self.model = model.to(device).eval()
+    def __init__(self, detector: Detector, encoder: Encoder, device: str):
+        self.scorer = Scorer(encoder, detector, device)  # the product's scorer: the paper score is what `filter` runs
+        self.model = detector.model.to(device).eval()
         self.encoder = encoder
-        self.config: DeDeConfig = model.config
+        self.config: DeDeConfig = detector.config
         self.device = device
 
     def _error(self, batch: torch.Tensor, embeddings: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -114,10 +116,10 @@ class DeDeVariants:
     def _no_visible(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.empty(len(batch), 0, dtype=torch.long, device=batch.device)
 
-    def paper(self, pixels: torch.Tensor) -> np.ndarray:
-        """The paper's score: masked MSE at the scoring ratio 0.99 (no patch stays visible at 32x32)."""
-        return over_batches(lambda b, _: self._error(b, self.encoder.embed(b), self._no_visible(b)),
-                            pixels, self.device)
+    def paper(self, pixels: torch.Tensor, keys: list[str]) -> np.ndarray:
+        """The paper's score, as the filter computes it (:meth:`dedefilter.Scorer.score_pixels`)."""
+        return np.concatenate([self.scorer.score_pixels(pixels[i:i + BATCH], keys[i:i + BATCH]).scores
+                               for i in range(0, len(pixels), BATCH)])
 
     def residuals(self, pixels: torch.Tensor) -> np.ndarray:
         """(N, C*S*S) image minus its reconstruction in the paper's setting (the paper score is their mean square)."""

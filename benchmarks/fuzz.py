@@ -42,6 +42,7 @@ from dedefilter import (
     train_model,
 )
 from dedefilter.data import fashion_mnist
+from dedefilter.encoders import BACKDOORED_ENCODER
 from dedefilter.shards import read_shard, split_member_name, write_image_shards
 
 CORRUPTIONS = ("flip", "truncate", "overwrite", "insert")
@@ -228,7 +229,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/fuzz.json")
     args = parser.parse_args()
-    encoder = load_encoder("fmnist-badencoder")
+    encoder = load_encoder(BACKDOORED_ENCODER)
     train_images, _ = fashion_mnist("train")
     small = replace(DeDeConfig(), dim=64, heads=2, encoder_depth=1, decoder_depth=1, epochs=1, batch_size=128)
     model, _ = train_model(encoder, train_images[:1000], small, log=lambda *_: None)

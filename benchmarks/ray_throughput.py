@@ -37,6 +37,7 @@ import torch
 
 from dedefilter import DeDeConfig, Detector, Scorer, StageConfig, filter_shards, fixed, load_encoder
 from dedefilter.data import fashion_mnist
+from dedefilter.encoders import BACKDOORED_ENCODER
 from dedefilter.model import DeDeModel
 from dedefilter.ray_engine import filter_shards_ray
 from dedefilter.shards import write_image_shards
@@ -95,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # this process only writes shards and, at the end, the Parquet-size pass
     images, labels = fashion_mnist("test")
-    encoder = load_encoder("fmnist-badencoder")
+    encoder = load_encoder(BACKDOORED_ENCODER)
     scorer = Scorer(encoder, timing_detector(encoder))
     stage = StageConfig(batch_size=args.batch_size)
     load_before = os.getloadavg()

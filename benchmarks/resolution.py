@@ -40,7 +40,7 @@ from dedefilter.attacks.registry import PRETRAIN, PROBE_TRAIN, TROUSER
 from dedefilter.attacks.triggers import PatchTrigger, poison
 from dedefilter.calibration import for_false_positive_rate
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist, resize_images
-from dedefilter.encoders import EncoderInput, build_encoder, embed_array, save_encoder
+from dedefilter.encoders import CLEAN_ENCODER, EncoderInput, build_encoder, embed_array, save_encoder
 from dedefilter.metrics import auroc, auroc_per_source_class, tpr_at_fpr
 from dedefilter.probe import backdoor_report, train_linear_probe
 from dedefilter.shards import write_image_shards
@@ -81,7 +81,7 @@ def attack_encoder(config: ResolutionConfig):
     path = Path(config.attack_path)
     if path.exists():
         return load_encoder(str(path))
-    clean = load_encoder("fmnist-simclr")
+    clean = load_encoder(CLEAN_ENCODER)
     train_x, train_y = fashion_mnist("train")
     test_x, test_y = fashion_mnist("test")
     recipe = BadEncoderConfig(target_class=TROUSER, shadow_size=config.shadow_size, seed=config.seed)
@@ -89,7 +89,7 @@ def attack_encoder(config: ResolutionConfig):
     module, record = train_badencoder(clean.module, resize_images(train_x[PRETRAIN], INPUT), train_y[PRETRAIN],
                                       TRIGGER, recipe, log)
     card = {**record, "input": asdict(EncoderInput(INPUT)), "trigger": TRIGGER.describe(), "target_class": TROUSER,
-            "target_name": FASHION_MNIST_CLASSES[TROUSER], "base_encoder": "fmnist-simclr",
+            "target_name": FASHION_MNIST_CLASSES[TROUSER], "base_encoder": CLEAN_ENCODER,
             "base_fingerprint": clean.fingerprint, "torch": torch.__version__,
             "data": (f"Fashion-MNIST train[:50000] (zero-padded to 32x32, upsampled to {INPUT}x{INPUT}, bilinear "
                      "antialiased) shadow sample; reference: target-class images")}

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import calibration
 from .config import DeDeConfig
-from .data import IMAGE_SIZE, DataUnavailable, fashion_mnist, photo_patches, resize_images
+from .data import FASHION_MNIST_SPLITS, IMAGE_SIZE, DataUnavailable, fashion_mnist, photo_patches, resize_images
 from .detector import CheckpointError, Detector
 from .encoders import EncoderInput, decode_size, load_encoder
 from .job import JobFailed, JobInterrupted
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shards", help="write Fashion-MNIST as WebDataset shards (key, png, cls, json)")
     p.add_argument("--out", required=True)
-    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--split", choices=FASHION_MNIST_SPLITS, default="test")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--triggered-fraction", type=float, default=0.0,

@@ -26,6 +26,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+FASHION_MNIST_SPLITS = ("train", "test")
 IMAGE_SIZE = 32  # Fashion-MNIST's padded side, and the default side of every view
 # Images are checked against this before decoding: a small PNG can declare 100000 x 100000 pixels and
 # would need tens of GB once decoded (a decompression bomb). 8192 x 8192 RGB is ~200 MB.
@@ -43,7 +44,7 @@ def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     The 28x28 grayscale images are zero-padded to 32x32 (the background is black, so padding adds no
     content and needs no interpolation) and the channel is repeated for RGB encoders.
     """
-    if split not in ("train", "test"):
+    if split not in FASHION_MNIST_SPLITS:
         raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', not {split!r}")
     prefix = {"train": "train", "test": "t10k"}[split]
     images_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"

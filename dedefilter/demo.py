@@ -22,7 +22,7 @@ from .calibration import for_false_positive_rate
 from .config import DeDeConfig
 from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .detector import CheckpointError, Detector
-from .encoders import Encoder, load_encoder
+from .encoders import BACKDOORED_ENCODER, CLEAN_ENCODER, Encoder, load_encoder
 from .job import filter_shards
 from .metrics import auroc, auroc_per_source_class, rates_at_threshold, tpr_at_fpr
 from .scoring import Scorer
@@ -30,7 +30,7 @@ from .shards import write_image_shards
 from .stage import StageConfig
 from .training import train_model
 
-BACKDOORED, CLEAN = "fmnist-badencoder", "fmnist-simclr"
+BACKDOORED, CLEAN = BACKDOORED_ENCODER, CLEAN_ENCODER
 
 
 @dataclass(frozen=True)

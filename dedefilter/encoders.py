@@ -32,6 +32,8 @@ from .data import IMAGE_SIZE, center_crop, resize_square
 
 ENCODER_FORMAT = "dedefilter-encoder/1"
 BUNDLED_DIR = Path(__file__).parent / "weights"
+CLEAN_ENCODER = "fmnist-simclr"  # the bundled SimCLR encoder (dedefilter/weights, rebuilt by pipelines/train_encoders.py)
+BACKDOORED_ENCODER = "fmnist-badencoder"  # the same encoder after the bundled BadEncoder-style attack
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -18,14 +18,13 @@ import torch
 from dedefilter.attacks.badencoder import BadEncoderConfig, train_badencoder
 from dedefilter.attacks.triggers import PatchTrigger
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist
-from dedefilter.encoders import BUNDLED_DIR, SmallCNN, build_encoder, load_encoder, save_encoder
+from dedefilter.attacks.registry import PROBE_TRAIN  # probe data is held out of SimCLR and the shadow set
+from dedefilter.encoders import BACKDOORED_ENCODER, BUNDLED_DIR, CLEAN_ENCODER, SmallCNN, build_encoder, load_encoder, save_encoder
 from dedefilter.probe import backdoor_report
 from dedefilter.ssl import SimCLRConfig, train_simclr
 
-CLEAN = "fmnist-simclr"
-BACKDOORED = "fmnist-badencoder"
+CLEAN, BACKDOORED = CLEAN_ENCODER, BACKDOORED_ENCODER
 TARGET_CLASS = 1  # Trouser: a class that looks like no other, so the demo's case is the paper's
-PROBE_TRAIN = slice(50_000, 60_000)  # probe data is held out of SimCLR and the shadow set
 
 
 def main() -> None:

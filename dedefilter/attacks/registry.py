@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 from ..data import FASHION_MNIST_CLASSES, fashion_mnist
-from ..encoders import Encoder, build_encoder, embed_array, load_encoder, save_encoder
+from ..encoders import (
+    BACKDOORED_ENCODER,
+    CLEAN_ENCODER,
+    Encoder,
+    build_encoder,
+    embed_array,
+    load_encoder,
+    save_encoder,
+)
 from ..probe import backdoor_report
 from ..ssl import SimCLRConfig, train_simclr
 from .badencoder import BadEncoderConfig, train_badencoder
@@ -37,7 +45,6 @@ from .triggers import (
 )
 
 DEFAULT_CACHE = Path(".dedefilter-bench") / "attacks"
-CLEAN_ENCODER = "fmnist-simclr"
 PRETRAIN = slice(0, 50_000)  # SSL pretraining / shadow data (Fashion-MNIST train)
 PROBE_TRAIN = slice(50_000, 60_000)  # held out of both: the downstream probe's training data
 T_SHIRT, TROUSER = 0, 1  # a target many classes resemble (shirt, pullover, coat), and a distinct one
@@ -168,7 +175,7 @@ def load_or_train(name: str, cache_dir: str | Path = DEFAULT_CACHE, device: str 
         raise ValueError(f"unknown attack {name!r}; known: {sorted(ATTACKS)}")
     spec = ATTACKS[name]
     if spec.kind == "bundled":
-        encoder = load_encoder("fmnist-badencoder")
+        encoder = load_encoder(BACKDOORED_ENCODER)
         return encoder, {**spec.describe(), **encoder.card}
     path = Path(cache_dir) / f"{name}.pt"
     if path.exists():
