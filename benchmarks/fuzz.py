@@ -12,7 +12,9 @@ then, shard by shard:
 Then the defects of issue 15, built by hand: a header that fails its checksum in the middle of each
 clean shard (every later key must be read and scored as in the clean shard; ``tar -tvf`` recovers
 them too), missing shards (refused before anything is written), outputs that are or hold an input,
-and ``overwrite`` of a folder no filter run made (refused, the files untouched).
+``overwrite`` of a folder no filter run made (refused, the files untouched), and attacker-chosen keys
+(spaces at either end, line breaks, twins differing by a trailing space) through filter -> select ->
+reshard (the clean shard holds exactly the keys not selected; reshard into its own inputs is refused).
 
     python benchmarks/fuzz.py --trials 300    # writes benchmarks/results/fuzz.json
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
+import webdataset as wds
 
 from dedefilter import (
     DeDeConfig,
@@ -41,11 +44,16 @@ from dedefilter import (
     load_encoder,
     train_model,
 )
+from dedefilter.audit import read_selection, select, write_selection
 from dedefilter.data import fashion_mnist
 from dedefilter.encoders import BACKDOORED_ENCODER
+from dedefilter.reshard import reshard
 from dedefilter.shards import read_shard, split_member_name, write_image_shards
 
 CORRUPTIONS = ("flip", "truncate", "overwrite", "insert")
+# keys an attacker can choose: spaces at either end, line breaks, a Unicode line separator, and keys that
+# differ from another only by a trailing space (a stripped key list would drop or keep the wrong sample)
+ODD_KEYS = (" lead", "trail ", "new\nline", "cr\rkey", "  ", "tab\tkey", "uni-\u00e9", "\r\n", "x\u2028y")
 
 
 @dataclass(frozen=True)
@@ -155,10 +163,39 @@ def hand_built(clean_urls: list[str], scorer: Scorer, work_dir: Path, clean_scor
                                   overwrite=True), FileExistsError),
     }
     checks["inputs_unchanged"] = tree(clean_dir) == before
+    odd = odd_keys_through_select_and_reshard(clean_urls, scorer, work_dir / "odd-keys")
+    checks |= odd.pop("checks")
     problems += [f"hand-built: {name} is false" for name, ok in checks.items() if not ok]
     return {"bad_header_shards": len(damaged), "keys_after_bad_header": after,
             "keys_recovered_after_bad_header": recovered, "bad_header_skip_rows": skips,
-            "bad_header_balanced": result.balanced, **checks, "problems": problems}
+            "bad_header_balanced": result.balanced, **odd, **checks, "problems": problems}
+
+
+def odd_keys_through_select_and_reshard(clean_urls: list[str], scorer: Scorer, work_dir: Path) -> dict:
+    """Shards whose keys are the odd ones (and twins "k" / "k "), through filter -> select -> reshard: the
+    clean shards must hold exactly the keys not selected; reshard into its own inputs is refused."""
+    samples = [s for url in clean_urls for s in read_shard(url)][:2 * len(ODD_KEYS)]
+    keys = list(ODD_KEYS) + [f"twin-{i}{' ' * (i % 2)}" for i in range(len(samples) - len(ODD_KEYS))]
+    folder = work_dir / "in"
+    folder.mkdir(parents=True, exist_ok=True)
+    url = str(folder / "odd-000000.tar")
+    with wds.TarWriter(url) as writer:
+        for sample, key in zip(samples, keys, strict=True):
+            writer.write({"__key__": key, **{k: v for k, v in sample.items() if not k.startswith("__")}})
+    read_back = [s["__key__"] for s in read_shard(url)]
+    scored = filter_shards([url], scorer, work_dir / "scores", num_workers=0, progress=False, write_shards=False)
+    selection = select(scored.parquet_dir, fraction=0.5)
+    listed = read_selection(write_selection(selection, work_dir / "drop.jsonl")).keys
+    counts = reshard([url], set(listed), work_dir / "clean")
+    kept = [s["__key__"] for s in read_shard(str(work_dir / "clean" / "odd-000000.tar"))]
+    before = tree(folder)
+    checks = {
+        "odd_keys_round_trip": read_back == keys and listed == selection.keys
+        and kept == [k for k in keys if k not in set(listed)] and counts.removed == len(listed),
+        "reshard_into_its_inputs_refused": refused(lambda: reshard([url], set(listed), folder), ValueError)
+        and tree(folder) == before,
+    }
+    return {"odd_keys": len(keys), "odd_keys_selected": len(listed), "odd_keys_kept": len(kept), "checks": checks}
 
 
 def make_trials(clean_urls: list[str], directory: Path, count: int, seed: int) -> list[Trial]:

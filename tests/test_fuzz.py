@@ -22,7 +22,8 @@ def test_corrupted_shards_balance_and_lose_nothing(tmp_path, scorer, shard_data)
     by_hand = report["hand_built"]  # a bad header mid-shard in each of the 4 clean shards of 10 keys
     assert by_hand["bad_header_skip_rows"] == 4 and by_hand["bad_header_balanced"]
     assert by_hand["keys_recovered_after_bad_header"] == by_hand["keys_after_bad_header"] == 4 * 4
-    assert all(by_hand[name] for name in by_hand if name.endswith(("_refused", "_unchanged")))
+    assert all(by_hand[name] for name in by_hand if name.endswith(("_refused", "_unchanged", "_round_trip")))
+    assert by_hand["odd_keys_round_trip"] and by_hand["odd_keys_selected"] + by_hand["odd_keys_kept"] == 18
 
 
 def test_the_audit_catches_a_silently_shortened_shard(tmp_path, scorer, shard_data):
