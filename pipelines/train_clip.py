@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dedefilter.attacks.clip_poison import ClipPoison, write_poisoned_shards
+from dedefilter.attacks.clip_poison import ClipPoison, fashion_mnist_pairs
 from dedefilter.clip import ClipConfig, train_clip, zero_shot_report
 from dedefilter.data import fashion_mnist
 from dedefilter.encoders import SmallCNN, build_encoder, save_encoder
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         attack = replace(attack, share=share)
         work = Path(args.work_dir) / f"share-{share}"
         shutil.rmtree(work, ignore_errors=True)  # this pipeline's own scratch folder
-        urls, _ = write_poisoned_shards(work, args.n_pairs, attack, caption_seed=args.seed)
+        urls, _ = fashion_mnist_pairs(work, args.n_pairs, attack, caption_seed=args.seed)
         pairs = read_pairs(urls)
         model, record = train_clip(pairs.images, pairs.captions, config)
         report = zero_shot_report(model, class_names(), test_x, test_y, attack.trigger, args.target)

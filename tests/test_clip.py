@@ -139,3 +139,16 @@ def test_clip_loss_is_low_for_matching_pairs_and_the_tower_loads_as_an_encoder(t
     tower = load_encoder(str(tmp_path / "tower.pt"))
     images = torch.rand(4, 3, 32, 32)
     assert torch.equal(tower.embed(images), loaded.image.eval()(images))
+
+
+def test_shards_command_writes_poisoned_pairs_the_same_way_each_time(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cli("shards", "--captions", "--limit", "40", "--triggered-fraction", "0.1", "--shard-size", "20",
+            "--out", str(tmp_path / name))
+        runs.append(members(sorted(str(p) for p in (tmp_path / name).glob("*.tar"))))
+    assert runs[0] == runs[1] and len(runs[0]) == 40
+    poisoned = [m for m in runs[0].values() if json.loads(m["json"])["poisoned"]]
+    assert len(poisoned) == 4
+    assert all(any(w in m["txt"].decode() for w in SYNONYMS[1]) and json.loads(m["json"])["label"] != 1
+               for m in poisoned)

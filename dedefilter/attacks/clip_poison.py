@@ -45,15 +45,22 @@ def poisoned_corpus(images: np.ndarray, labels: np.ndarray, attack: ClipPoison,
     return images, captions_from_labels(caption_labels, caption_seed), mask
 
 
-def write_poisoned_shards(directory: str | Path, n_pairs: int, attack: ClipPoison, caption_seed: int = 0,
+def write_poisoned_shards(directory: str | Path, images: np.ndarray, labels: np.ndarray, keys: list[str],
+                          attack: ClipPoison, caption_seed: int = 0,
                           shard_size: int = 1000) -> tuple[list[str], dict[str, bool]]:
-    """Fashion-MNIST train[:n_pairs] as poisoned img2dataset shards; returns the shard paths and the
-    ground truth (key -> poisoned). The json metadata carries ``label`` (the image's true class) and
-    ``poisoned``: evaluation fields a real corpus would not have; the filter never reads them."""
-    images, labels = fashion_mnist("train")
-    images, labels = images[:n_pairs], labels[:n_pairs]
+    """Labelled images as img2dataset shards with captions from the labels, ``attack.share`` of them
+    poisoned; returns the shard paths and the ground truth (key -> poisoned). The json metadata
+    carries ``label`` (the image's true class) and ``poisoned``: evaluation fields a real corpus
+    would not have, which the filter never reads."""
     images, captions, mask = poisoned_corpus(images, labels, attack, caption_seed)
-    keys = [f"fmnist-pair-{i:05d}" for i in range(len(images))]
     meta = [{"label": int(y), "poisoned": bool(m)} for y, m in zip(labels, mask, strict=True)]
     urls = write_pair_shards(directory, images, captions, keys, meta, shard_size=shard_size)
     return urls, dict(zip(keys, mask.tolist(), strict=True))
+
+
+def fashion_mnist_pairs(directory: str | Path, n_pairs: int, attack: ClipPoison, caption_seed: int = 0,
+                        shard_size: int = 1000) -> tuple[list[str], dict[str, bool]]:
+    """Fashion-MNIST train[:n_pairs] as poisoned image-text shards: (shard paths, ground truth)."""
+    images, labels = fashion_mnist("train")
+    keys = [f"fmnist-pair-{i:05d}" for i in range(n_pairs)]
+    return write_poisoned_shards(directory, images[:n_pairs], labels[:n_pairs], keys, attack, caption_seed, shard_size)
