@@ -32,7 +32,7 @@ import pyarrow.dataset as ds
 import torch
 
 from dedefilter.attacks.clip_poison import ClipPoison, fashion_mnist_pairs
-from dedefilter.clip import ClipConfig, SmallCLIP, train_clip, zero_shot_report
+from dedefilter.clip import ClipConfig, SmallCLIP, save_clip, train_clip, zero_shot_report
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist
 from dedefilter.encoders import SmallCNN, build_encoder, save_encoder
 from dedefilter.imagetext import class_names, read_pairs
@@ -150,11 +150,11 @@ def run(config: LoopConfig, log=print) -> dict:
     torch.manual_seed(config.seed)
     random_tower = probe(SmallCNN().eval(), "random-init", data, attack)
     tower = work / "clip-image-tower.pt"
-    save_encoder(backdoored.image, tower, "small_cnn",
-                 {"recipe": before["train"], "attack": attack.describe(), "data": f"{config.n_pairs} Fashion-MNIST "
-                  "train pairs, captions from labels", "zero_shot": {k: before[k] for k in ("zero_shot_accuracy",
-                  "zero_shot_asr")}, "probe": before["probe"], "target_class": config.target_class,
-                  "trigger": attack.trigger.describe()})
+    card = {"recipe": before["train"], "attack": attack.describe(), "data": f"{config.n_pairs} Fashion-MNIST train "
+            "pairs, captions from labels", "zero_shot": {k: before[k] for k in ("zero_shot_accuracy", "zero_shot_asr")},
+            "probe": before["probe"], "target_class": config.target_class, "trigger": attack.trigger.describe()}
+    save_encoder(backdoored.image, tower, "small_cnn", card)
+    save_clip(backdoored, work / "clip-poisoned.pt", card)  # both towers, for zero-shot use later
 
     # 3. the filter, with the backdoored CLIP's image tower and no clean data
     t = time.perf_counter()
