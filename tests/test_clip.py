@@ -92,16 +92,19 @@ def test_filter_and_reshard_pass_captions_and_metadata_byte_for_byte(tmp_path, p
     """What the filter keeps and what reshard copies carry the same txt/json bytes as the input."""
     original = members(pair_shards)
     detector.save(tmp_path / "det.pt")
-    cli("filter", *pair_shards, "--encoder", "fmnist-badencoder", "--detector", str(tmp_path / "det.pt"),
-        "--out", str(tmp_path / "filtered"), "--workers", "0")
+    printed = cli("filter", *pair_shards, "--encoder", "fmnist-badencoder", "--detector", str(tmp_path / "det.pt"),
+                  "--out", str(tmp_path / "filtered"), "--workers", "0")
     filtered = members(sorted(str(p) for p in (tmp_path / "filtered").rglob("*.tar")))
     assert 0 < len(filtered) < 60
     assert all(original[key] == fields for key, fields in filtered.items())
-    drop = tmp_path / "drop.txt"
-    drop.write_text("pair-001\npair-030\n")
-    cli("reshard", *pair_shards, "--drop-keys", str(drop), "--out", str(tmp_path / "resharded"))
+    parquet = json.loads(printed.strip().splitlines()[-1])["parquet"]
+    selected = json.loads(cli("select", parquet, "--fraction", "0.2", "--out", str(tmp_path / "drop"))
+                          .strip().splitlines()[-1])["selected"]
+    counts = json.loads(cli("reshard", *pair_shards, "--drop-keys", str(tmp_path / "drop"),
+                            "--out", str(tmp_path / "resharded")).strip().splitlines()[-1])
     kept = members(sorted(str(p) for p in (tmp_path / "resharded").glob("*.tar")))
-    assert kept == {k: v for k, v in original.items() if k not in ("pair-001", "pair-030")}
+    assert counts["removed"] == selected > 0 and len(kept) == 60 - selected
+    assert all(original[key] == fields for key, fields in kept.items())
 
 
 def test_zero_shot_prompts_name_each_class_through_every_template():
