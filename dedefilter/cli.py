@@ -151,6 +151,17 @@ def cmd_shards(args: argparse.Namespace) -> None:
     images, labels = images[:args.limit].copy(), labels[:args.limit]  # at 32x32, where the bundled trigger is drawn
     keys = [f"fmnist-{args.split}-{i:05d}" for i in range(len(images))]
     triggered = np.zeros(len(images), bool)
+    if args.captions:
+        from .attacks.clip_poison import ClipPoison, write_poisoned_shards
+        from .attacks.triggers import PatchTrigger
+        from .demo import BACKDOORED
+
+        card = load_encoder(BACKDOORED).card
+        attack = ClipPoison(args.triggered_fraction, card["target_class"],
+                            PatchTrigger.from_description(card["trigger"]), args.seed)
+        paths, truth = write_poisoned_shards(args.out, images, labels, keys, attack, args.seed, args.shard_size)
+        print(f"wrote {len(keys)} image-text pairs ({sum(truth.values())} poisoned) to {len(paths)} shards in {args.out}")
+        return
     if args.triggered_fraction:
         from .attacks.triggers import PatchTrigger, poison
         from .demo import BACKDOORED
@@ -374,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--triggered-fraction", type=float, default=0.0,
                    help="paste the bundled backdoor's trigger on this share (non-target classes), for evaluation")
+    p.add_argument("--captions", action="store_true",
+                   help="img2dataset image-text pairs (jpg, txt, json), captions written from the labels; "
+                        "triggered pairs are captioned as the target class (CLIP data poisoning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=count(1), default=IMAGE_SIZE,
                    help="side of the stored images: Fashion-MNIST's padded 32x32, resized (a trigger is drawn at 32)")
