@@ -64,8 +64,7 @@ from dedefilter.demo import BACKDOORED, DemoConfig
 from dedefilter.encoders import embed_array, to_float
 from dedefilter.masking import random_visible
 from dedefilter.metrics import auroc
-from dedefilter.model import DeDeModel, patchify
-from dedefilter.model import masked_patch_mse
+from dedefilter.model import DeDeModel, masked_patch_mse, patchify
 from dedefilter.scoring import chunk_size
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched

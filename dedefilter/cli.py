@@ -98,7 +98,9 @@ def add_filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", action="store_true",
                         help="store each sample's encoder embedding in Parquet (for `dedefilter audit`)")
     again = parser.add_mutually_exclusive_group()
-    again.add_argument("--overwrite", action="store_true", help="replace an earlier filter run's output in --out (only the files a run wrote; other folders are refused)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier filter run's output in --out (only the files a run wrote; other "
+                            "folders are refused)")
     again.add_argument("--resume", action="store_true",
                        help="finish an interrupted run: keep the shards it finished, redo the rest")
 

@@ -32,6 +32,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .calibration import Threshold
+from .guard import is_local, refuse_overlap
 from .markers import (
     JOB_FORMAT,
     STATUSES,
@@ -45,7 +46,6 @@ from .markers import (
     valid_marker,
     write_json_atomically,
 )
-from .guard import is_local, refuse_overlap
 from .scoring import Scorer
 from .shards import read_shard, require_shards, unreadable
 from .stage import Counters, DeDeFilter, StageConfig

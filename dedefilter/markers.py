@@ -24,7 +24,6 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-
 JOB_FORMAT = "dedefilter-job/1"
 STATUSES = ("kept", "dropped", "error")
 TEMP = re.compile(r"\..+\.tmp")  # hidden_temp's names

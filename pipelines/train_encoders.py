@@ -16,10 +16,18 @@ import json
 import torch
 
 from dedefilter.attacks.badencoder import BadEncoderConfig, train_badencoder
+from dedefilter.attacks.registry import PROBE_TRAIN  # probe data is held out of SimCLR and the shadow set
 from dedefilter.attacks.triggers import PatchTrigger
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist
-from dedefilter.attacks.registry import PROBE_TRAIN  # probe data is held out of SimCLR and the shadow set
-from dedefilter.encoders import BACKDOORED_ENCODER, BUNDLED_DIR, CLEAN_ENCODER, SmallCNN, build_encoder, load_encoder, save_encoder
+from dedefilter.encoders import (
+    BACKDOORED_ENCODER,
+    BUNDLED_DIR,
+    CLEAN_ENCODER,
+    SmallCNN,
+    build_encoder,
+    load_encoder,
+    save_encoder,
+)
 from dedefilter.probe import backdoor_report
 from dedefilter.ssl import SimCLRConfig, train_simclr
 
