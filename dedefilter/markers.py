@@ -122,11 +122,12 @@ def clear_temps(layout: Layout) -> None:
 def made_by_a_run(layout: Layout) -> tuple[list[Path], list[Path]]:
     """(the files a filter run writes, everything else) in a job folder; folders are listed in neither."""
     ours, others = [], []
+    made = layout.made()
     pending = [layout.root]
     while pending:
         for path in sorted(pending.pop().iterdir()):
-            pattern = layout.made().get(path.parent)
-            if path.is_dir() and not path.is_symlink() and path in layout.made():
+            pattern = made.get(path.parent)
+            if path.is_dir() and not path.is_symlink() and path in made:
                 pending.append(path)
             elif pattern is not None and pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
                 ours.append(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import webdataset as wds
 
 from .guard import is_local, refuse_overlap
-from .shards import read_shard
+from .shards import read_shard, require_shards
 
 SHOWN = 5  # keys named in an error message
 
@@ -40,13 +40,8 @@ class ReshardCounts:
 
 def check_paths(urls: list[str], out: Path, overwrite: bool) -> list[str]:
     """Refuse missing inputs, an output folder that overlaps them, and (without ``overwrite``) existing outputs."""
-    if not urls:
-        raise FileNotFoundError("no input shards given")
-    local = [url for url in urls if is_local(url)]
-    missing = [url for url in local if not Path(url).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} input shard(s) do not exist: {missing[:SHOWN]}; nothing written")
-    refuse_overlap(out, local)
+    require_shards(urls)
+    refuse_overlap(out, [url for url in urls if is_local(url)])
     names = [Path(url).name for url in urls]
     if len(set(names)) != len(names):
         raise ValueError("input shards share file names; reshard them into separate --out folders")
