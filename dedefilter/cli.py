@@ -220,14 +220,18 @@ def cmd_filter(args: argparse.Namespace) -> int:
         return filter_on_ray(urls, scorer, threshold, stage, args)
     result = filter_shards(urls, scorer, args.out, threshold, stage, num_workers=args.workers,
                            write_shards=not args.no_shards, overwrite=args.overwrite, resume=args.resume)
-    print(json.dumps({"parquet": str(result.parquet_dir), "filtered_shards": len(result.shard_paths),
-                      "samples": result.markers["samples"], **result.ledger, "shards": result.shards,
-                      "resumed_shards": result.resumed, "duplicate_keys": result.duplicate_keys,
-                      "samples_per_s": round(result.samples_per_s, 1)}))
+    print(json.dumps(job_summary(result)))
     if result.duplicate_keys:
         print(f"dedefilter filter: warning: {result.duplicate_keys} keys were scored in more than one shard",
               file=sys.stderr)
     return job_status(result)
+
+
+def job_summary(job, **extra) -> dict:
+    """The line ``filter`` prints at the end (any engine): where the output is, the ledger, the speed."""
+    return {"parquet": str(job.parquet_dir), "filtered_shards": len(job.shard_paths), "samples": job.markers["samples"],
+            **job.ledger, "shards": job.shards, "resumed_shards": job.resumed, "duplicate_keys": job.duplicate_keys,
+            **extra, "samples_per_s": round(job.samples_per_s, 1)}
 
 
 def job_status(job) -> int:
@@ -273,12 +277,8 @@ def filter_on_ray(urls: list[str], scorer, threshold, stage, args: argparse.Name
                                cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
                                write_shards=not args.no_shards, overwrite=args.overwrite, resume=args.resume,
                                watchdog=Watchdog(args.stall_report, args.stall_limit or None))
-    job = result.job
-    print(json.dumps({"parquet": str(job.parquet_dir), "filtered_shards": len(job.shard_paths),
-                      "samples": job.markers["samples"], **job.ledger, "shards": job.shards,
-                      "resumed_shards": job.resumed, "duplicate_keys": job.duplicate_keys, "actors": result.plan.actors,
-                      "samples_per_s": round(job.samples_per_s, 1)}))
-    return job_status(job)
+    print(json.dumps(job_summary(result.job, actors=result.plan.actors)))
+    return job_status(result.job)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
