@@ -1,6 +1,7 @@
 """Thresholds: the score above which a sample is a suspect.
 
-Three ways to pick one, each stored with how it was made so new data gets the same cut:
+Three ways to pick one, each stored with how it was made (and on which score's scale: the paper score,
+or the window score of :mod:`dedefilter.window`) so new data gets the same cut:
 a target false-positive rate on clean reference scores, an expected contamination fraction of the
 scored data itself, or a fixed value.
 """
@@ -19,6 +20,7 @@ class Threshold:
     parameter: float | None = None
     n_reference: int = 0
     precision: str | None = None  # the DeDe model's precision when the scores were computed; None: not measured
+    scale: str | None = "paper"  # "paper": reconstruction errors; "window": window scores (z units); None: any
 
     def suspects(self, scores: np.ndarray) -> np.ndarray:
         return scores > self.value
@@ -43,15 +45,15 @@ def upper_quantile(scores: np.ndarray, fraction: float) -> float:
     return float(np.quantile(scores, 1 - fraction, method="higher"))
 
 
-def for_false_positive_rate(clean_scores: np.ndarray, fpr: float) -> Threshold:
+def for_false_positive_rate(clean_scores: np.ndarray, fpr: float, scale: str = "paper") -> Threshold:
     """At most ``fpr`` of the clean reference scores exceed the threshold."""
-    return Threshold(upper_quantile(clean_scores, fpr), "fpr", fpr, int(np.size(clean_scores)))
+    return Threshold(upper_quantile(clean_scores, fpr), "fpr", fpr, int(np.size(clean_scores)), scale=scale)
 
 
-def for_contamination(scores: np.ndarray, fraction: float) -> Threshold:
+def for_contamination(scores: np.ndarray, fraction: float, scale: str = "paper") -> Threshold:
     """Flag the top ``fraction`` of the given (possibly poisoned) scores."""
-    return Threshold(upper_quantile(scores, fraction), "contamination", fraction, int(np.size(scores)))
+    return Threshold(upper_quantile(scores, fraction), "contamination", fraction, int(np.size(scores)), scale=scale)
 
 
-def fixed(value: float) -> Threshold:
-    return Threshold(float(value), "fixed")
+def fixed(value: float, scale: str | None = None) -> Threshold:
+    return Threshold(float(value), "fixed", scale=scale)

@@ -23,6 +23,7 @@ from .encoders import EncoderInput, decode_size, load_encoder
 from .job import JobFailed, JobInterrupted
 from .scoring import PRECISIONS, Scorer
 from .stage import StageConfig
+from .window import WindowRule, filter_scores
 
 
 def image_source(spec: str, count: int, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -97,6 +98,9 @@ def add_filter_flags(parser: argparse.ArgumentParser) -> None:
                              "else fp32); bf16 is ~2.5x faster on CPUs with native bf16")
     parser.add_argument("--embeddings", action="store_true",
                         help="store each sample's encoder embedding in Parquet (for `dedefilter audit`)")
+    parser.add_argument("--window", type=count(0),
+                        help="samples of a shard judged together (default: the detector's calibrated window rule; "
+                             "0: the paper score alone, which needs a threshold calibrated with --window 0)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true",
                        help="replace an earlier filter run's output in --out (only the files a run wrote; other "
@@ -194,9 +198,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    rule = WindowRule(size=args.window) if args.window else None
     if args.value is not None:
         detector = Detector.load(args.detector)
-        threshold = calibration.fixed(args.value)
+        threshold = calibration.fixed(args.value, scale="window" if rule else "paper")
     else:
         if not args.encoder:
             raise ValueError("--encoder is needed to score the reference images (or give --value)")
@@ -204,12 +209,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         detector = Detector.load(args.detector, encoder.fingerprint)
         scorer = Scorer(encoder, detector, precision=args.precision)
         images = image_source(args.reference, args.n_reference, args.seed, scorer.decode_size)
-        scores = scorer.score_array(images, [f"reference-{i}" for i in range(len(images))])
-        threshold = (calibration.for_false_positive_rate(scores, args.fpr) if args.fpr is not None
-                     else calibration.for_contamination(scores, args.contamination))
+        scores = filter_scores(scorer, images, [f"reference-{i}" for i in range(len(images))], rule)
+        scale = "window" if rule else "paper"
+        threshold = (calibration.for_false_positive_rate(scores, args.fpr, scale) if args.fpr is not None
+                     else calibration.for_contamination(scores, args.contamination, scale))
         threshold = replace(threshold, precision=args.precision)
-    detector.with_threshold(threshold).save(args.out or args.detector)
-    print(f"threshold {json.dumps(threshold.to_dict())} saved to {args.out or args.detector}")
+    detector.with_threshold(threshold, rule).save(args.out or args.detector)
+    window = f"judged in windows of {rule.size}" if rule else "the paper score alone"
+    print(f"threshold {json.dumps(threshold.to_dict())} saved to {args.out or args.detector} ({window})")
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
@@ -264,7 +271,8 @@ def filter_setup(args: argparse.Namespace) -> FilterSetup:
     stored = detector.threshold.precision if detector.threshold and threshold is None else None
     scorer = Scorer(encoder, detector, precision=args.precision or stored or "fp32")
     urls = [url for pattern in args.shards for url in braceexpand.braceexpand(pattern)]
-    stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate, store_embeddings=args.embeddings)
+    stage = StageConfig(batch_size=args.batch_size, drop=not args.annotate, store_embeddings=args.embeddings,
+                        window_size=args.window)
     return FilterSetup(urls, scorer, threshold, stage)
 
 
@@ -413,8 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write here instead of updating --detector")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--fpr", type=float, help="target false-positive rate on clean reference images")
-    how.add_argument("--contamination", type=float, help="expected poisoned fraction of the reference images")
+    how.add_argument("--contamination", "--budget", type=float, dest="contamination",
+                     help="flag this share of the reference images: their expected poisoned fraction, or, with a "
+                          "sample of the very shards to filter as --reference, a removal budget (drop about this "
+                          "share; no clean data needed)")
     how.add_argument("--value", type=float, help="a fixed threshold")
+    p.add_argument("--window", type=count(0), default=WindowRule().size,
+                   help=f"judge each sample within windows of this many samples of its shard (default "
+                        f"{WindowRule().size}: the shipped window-level score); 0: the paper score alone")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the DeDe model's precision for the reference scores; filter then runs at the same one")
     p.set_defaults(run=cmd_calibrate)

@@ -3,8 +3,10 @@
 Two resolutions live in a checkpoint: the decoder's (``config.image_size``, ``config.patch_size``) and
 the encoder's input it was trained with (:class:`~dedefilter.encoders.EncoderInput`; checkpoints from
 before it was recorded use the encoder's own, which was 32x32 for every encoder they could be made for).
-Checkpoints hold only tensors and plain values and load with ``weights_only=True``, so a file from a
-stranger cannot run code; a detector made for another encoder is refused.
+The window rule (:class:`~dedefilter.window.WindowRule`) its threshold was calibrated with is stored too,
+so the filter decides as calibration did. Checkpoints hold only tensors and plain values and load with
+``weights_only=True``, so a file from a stranger cannot run code; a detector made for another encoder is
+refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .calibration import Threshold
 from .config import DeDeConfig
 from .encoders import EncoderInput
 from .model import DeDeModel
+from .window import WindowRule
 
 CHECKPOINT_FORMAT = "dedefilter-detector/1"
 FIELDS = ("config", "embed_dim", "state_dict", "encoder_name", "encoder_fingerprint", "threshold", "record")
@@ -38,6 +41,7 @@ class Detector:
     threshold: Threshold | None = None
     record: dict | None = None
     encoder_input: EncoderInput | None = None  # None: the encoder's own input (its spec's default)
+    window: WindowRule | None = None  # None: the paper score alone decides
 
     @property
     def config(self) -> DeDeConfig:
@@ -56,8 +60,9 @@ class Detector:
             digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
         return f"dede-{digest.hexdigest()[:12]}"
 
-    def with_threshold(self, threshold: Threshold) -> Detector:
-        return replace(self, threshold=threshold)
+    def with_threshold(self, threshold: Threshold, window: WindowRule | None = None) -> Detector:
+        """This detector deciding at ``threshold``, on window scores of ``window`` (None: the paper score)."""
+        return replace(self, threshold=threshold, window=window)
 
     def save(self, path: str | Path) -> None:
         torch.save({
@@ -70,6 +75,7 @@ class Detector:
             "threshold": json.dumps(self.threshold.to_dict() if self.threshold else None),
             "record": json.dumps(self.record or {}),
             "encoder_input": json.dumps(self.encoder_input.to_dict() if self.encoder_input else None),
+            "window": json.dumps(self.window.to_dict() if self.window else None),
         }, path)
 
     @classmethod
@@ -105,10 +111,13 @@ class Detector:
         try:
             threshold = json.loads(checkpoint["threshold"])
             encoder_input = json.loads(checkpoint.get("encoder_input", "null"))
+            window = json.loads(checkpoint.get("window", "null"))
             return cls(model=model.eval(), encoder_name=checkpoint["encoder_name"],
                        encoder_fingerprint=checkpoint["encoder_fingerprint"],
                        threshold=Threshold(**threshold) if threshold else None,
                        record=json.loads(checkpoint["record"]),
-                       encoder_input=EncoderInput(**encoder_input) if encoder_input else None)
+                       encoder_input=EncoderInput(**encoder_input) if encoder_input else None,
+                       window=WindowRule(**window) if window else None)
         except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: unreadable threshold, record or encoder input: {err}") from None
+            raise CheckpointError(f"{path}: unreadable threshold, record, encoder input or window rule: {err}") \
+                from None

@@ -1,7 +1,9 @@
 """Batched DeDe scoring: frozen-encoder embedding, masked reconstruction, per-sample error.
 
 The score of a sample is the mean squared error of its reconstruction over the masked patches
-(visible patches pasted back), averaged over ``score_masks`` masks seeded by the sample's key.
+(visible patches pasted back), averaged over ``score_masks`` masks seeded by the sample's key. On
+request the scorer also returns the residuals (image minus reconstruction on the masked patches), which
+the window-level scores (:mod:`dedefilter.window`) search for a pattern shared by many samples.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def chunk_size(device: str | torch.device) -> int:
 class ScoredBatch:
     scores: np.ndarray  # (B,) float32
     embeddings: np.ndarray  # (B, D) float32
+    residuals: np.ndarray | None = None  # (B, n_patches * 3 * patch**2) float32, when asked for
 
 
 def pad_batch(pixels: torch.Tensor, keys: list[str], chunk: int = CHUNK) -> tuple[torch.Tensor, list[str]]:
@@ -94,12 +97,19 @@ class Scorer:
         return self.score_pixels(to_float(images), keys)
 
     def score_array(self, images: np.ndarray, keys: Sequence[str], batch_size: int = 512) -> np.ndarray:
-        """Scores of a whole in-memory uint8 array (e.g. clean reference images for calibration)."""
-        return np.concatenate([self.score(images[i:i + batch_size], keys[i:i + batch_size]).scores
-                               for i in range(0, len(images), batch_size)])
+        """Paper scores of a whole in-memory uint8 array (e.g. clean reference images for calibration)."""
+        return self.score_all(images, keys, batch_size).scores
+
+    def score_all(self, images: np.ndarray, keys: Sequence[str], batch_size: int = 512,
+                  residuals: bool = False) -> ScoredBatch:
+        """Scores, embeddings (and residuals) of a whole in-memory uint8 array, ``batch_size`` images at a time."""
+        parts = [self.score_pixels(to_float(images[i:i + batch_size]), keys[i:i + batch_size], residuals)
+                 for i in range(0, len(images), batch_size)]
+        return ScoredBatch(np.concatenate([p.scores for p in parts]), np.concatenate([p.embeddings for p in parts]),
+                           np.concatenate([p.residuals for p in parts]) if residuals else None)
 
     @torch.inference_mode()
-    def score_pixels(self, pixels: torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
+    def score_pixels(self, pixels: torch.Tensor, keys: Sequence[str], residuals: bool = False) -> ScoredBatch:
         """Score float images (B, 3, H, W) in [0, 1]; the encoder and the decoder each get their own view
         (the centred square, resized), per fixed-size chunk so a sample's score never depends on its batch."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
@@ -112,28 +122,39 @@ class Scorer:
         # one memory layout for every chunk (scores must not depend on the batch); channels-last, the layout a
         # decoded uint8 batch already has: convolutional encoders run ~30% faster on it on a CPU (ResNet-50 at 224)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-        embeddings, scores = [], []
+        embeddings, scores, residual_chunks = [], [], []
         for i in range(0, len(keys), size):
             chunk = pixels[i:i + size].to(self.device, non_blocking=True)
             embeddings.append(self.encoder.embed(chunk))
             decoder_view = resize_square(chunk, self.config.image_size)
-            scores.append(self.reconstruction_error(decoder_view, embeddings[-1], keys[i:i + size]))
-        return ScoredBatch(torch.cat(scores)[:n].cpu().numpy(), torch.cat(embeddings)[:n].cpu().numpy())
+            error, residual = self.reconstruction_error(decoder_view, embeddings[-1], keys[i:i + size])
+            scores.append(error)
+            if residuals:
+                residual_chunks.append(residual.flatten(1))
+        return ScoredBatch(torch.cat(scores)[:n].cpu().numpy(), torch.cat(embeddings)[:n].cpu().numpy(),
+                           torch.cat(residual_chunks)[:n].cpu().numpy() if residuals else None)
 
     @torch.inference_mode()
-    def reconstruction_error(self, pixels: torch.Tensor, embeddings: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+    def reconstruction_error(self, pixels: torch.Tensor, embeddings: torch.Tensor,
+                             keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample masked-patch MSE (B,) and the residual patches (B, n_patches, 3 * patch**2): the image
+        minus its reconstruction on the masked patches, zero on visible ones, averaged over the masks."""
         config = self.config
         patches = patchify(pixels, config.patch_size)
         n_visible = config.n_visible(config.score_mask_ratio)
         if n_visible == 0:  # the paper's ratio 0.99 at 64 patches: every mask is empty, one pass suffices
             visible = torch.empty(len(keys), 0, dtype=torch.long, device=pixels.device)
-            return masked_patch_mse(self._reconstruct(patches, embeddings, visible), patches, visible)
+            predicted = self._reconstruct(patches, embeddings, visible)
+            return masked_patch_mse(predicted, patches, visible), patches - predicted
         seeds = key_seeds(keys, config.seed)
         total = torch.zeros(len(keys), device=pixels.device)
+        residual = torch.zeros_like(patches)
         for k in range(config.score_masks):
             visible = keyed_visible(seeds, config.n_patches, n_visible, k).to(pixels.device)
-            total += masked_patch_mse(self._reconstruct(patches, embeddings, visible), patches, visible)
-        return total / config.score_masks
+            predicted = self._reconstruct(patches, embeddings, visible)
+            total += masked_patch_mse(predicted, patches, visible)
+            residual += (patches - predicted).scatter_(1, visible[..., None].expand(-1, -1, patches.shape[-1]), 0.0)
+        return total / config.score_masks, residual / config.score_masks
 
     def _reconstruct(self, patches: torch.Tensor, embeddings: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):

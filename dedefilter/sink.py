@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .window import PARTS
+
 log = logging.getLogger(__name__)
 COLUMNS = [
     pa.field("key", pa.string()),
@@ -30,6 +32,9 @@ COLUMNS = [
     pa.field("status", pa.string()),  # "kept", "dropped" or "error"
     pa.field("reason", pa.string()),  # why a sample is an error or was dropped; null when kept
     pa.field("model_id", pa.string()),
+    # the paper score; the other parts of a window-level score (dedefilter.window), null when it alone decides
+    *(pa.field(name, pa.float32()) for name in PARTS),
+    pa.field("collapse", pa.bool_()),  # the window's collapse test
 ]
 
 
@@ -55,13 +60,26 @@ def embedding_column(embeddings: np.ndarray | None, rows: int, dim: int) -> pa.A
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
 
 
+def part_column(values: np.ndarray | None, rows: int, dtype: pa.DataType) -> pa.Array:
+    """A window part (or the collapse flag) for the first k of ``rows`` rows, null for the rest and
+    for every row when there is none."""
+    if values is None:
+        return pa.nulls(rows, dtype)
+    mask = np.arange(rows) >= len(values)
+    padded = np.zeros(rows, values.dtype)
+    padded[:len(values)] = values
+    return pa.array(padded, dtype, mask=mask)
+
+
 def record_batch(keys: Sequence[str | None], urls: Sequence[str | None], scores: np.ndarray,
                  suspect: np.ndarray, status: Sequence[str], reasons: Sequence[str | None], *, model_id: str,
                  threshold: float, embeddings: np.ndarray | None = None, embed_dim: int | None = None,
-                 table_schema: pa.Schema | None = None) -> pa.RecordBatch:
+                 parts: dict[str, np.ndarray] | None = None, table_schema: pa.Schema | None = None) -> pa.RecordBatch:
     """One batch of decisions as score-table rows: shared by :class:`ParquetSink` and the Ray engine, so
-    every engine writes the same columns and types."""
+    every engine writes the same columns and types. ``parts`` (each for the first rows, like embeddings)
+    are the window-level parts and ``"collapse"``."""
     n = len(keys)
+    parts = parts or {}
     columns = [
         pa.array(keys, pa.string()),
         pa.array(urls, pa.string()),
@@ -72,6 +90,8 @@ def record_batch(keys: Sequence[str | None], urls: Sequence[str | None], scores:
         pa.array(status, pa.string()),
         pa.array(reasons, pa.string()),
         pa.array([model_id] * n, pa.string()),
+        *(part_column(parts.get(name), n, pa.float32()) for name in PARTS),
+        part_column(parts.get("collapse"), n, pa.bool_()),
     ]
     if embed_dim is not None:
         columns.append(embedding_column(embeddings, n, embed_dim))
@@ -130,16 +150,17 @@ class ParquetSink:
 
     def write(self, keys: Sequence[str | None], urls: Sequence[str | None], scores: np.ndarray,
               suspect: np.ndarray, status: Sequence[str], reasons: Sequence[str | None],
-              embeddings: np.ndarray | None = None) -> None:
+              embeddings: np.ndarray | None = None, parts: dict[str, np.ndarray] | None = None) -> None:
         """Record one batch of decisions (columns of equal length; scores NaN where unknown).
 
-        ``embeddings`` (rows, D) belong to the first rows (the scored samples); later rows get null.
+        ``embeddings`` (rows, D) and window ``parts`` belong to the first rows (the scored samples); later
+        rows get null.
         """
         if len(keys) == 0:
             return
         batch = record_batch(keys, urls, scores, suspect, status, reasons, model_id=self.model_id,
                              threshold=float(self.threshold), embeddings=embeddings, embed_dim=self.embed_dim,
-                             table_schema=self._writer.schema)
+                             parts=parts, table_schema=self._writer.schema)
         self._pending.append(batch)
         self._pending_rows += len(keys)
         self.rows += len(keys)

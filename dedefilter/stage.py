@@ -1,6 +1,10 @@
 """The filter as a pipeline stage: decode -> batch -> score -> decide -> record -> pass on.
 
-The core is pure: :meth:`DeDeFilter.process` decides one batch of samples (an :class:`Outcome`, which
+With a window rule (:mod:`dedefilter.window`, stored in the detector) the stage decides per window: up
+to ``rule.size`` consecutive samples of one shard are scored, then judged against each other, then
+passed on; without one, per batch, on the paper score alone.
+
+The core is pure: :meth:`DeDeFilter.process` decides one batch (or window) of samples (an :class:`Outcome`, which
 the Ray engine uses as is) and :meth:`DeDeFilter.filter_batch` adds the samples to pass on. Recording
 sits at the edge (:class:`Recorder`: counters and the Parquet sink), so a ``break``, an error or a
 second epoch never publishes or overwrites a part. :class:`DeDeFilter` is a plain generator stage
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from types import TracebackType
 
@@ -25,8 +29,9 @@ from webdataset.utils import pytorch_worker_info
 from .calibration import Threshold
 from .data import decode_image
 from .encoders import to_float
-from .scoring import Scorer
+from .scoring import ScoredBatch, Scorer
 from .sink import ParquetSink, claim_pass, writer_name
+from .window import WindowRule, WindowScores, score_window
 
 log = logging.getLogger(__name__)
 NON_FINITE = "non-finite score (the encoder or the DeDe model produced NaN or inf)"
@@ -45,6 +50,7 @@ class StageConfig:
     suspect_field: str = "dede_suspect"
     row_group_size: int = 65_536
     store_embeddings: bool = False  # add each sample's encoder embedding to Parquet (for offline audits)
+    window_size: int | None = None  # None: the detector's window rule; 0: the paper score alone; N: windows of N
 
 
 @dataclass
@@ -63,9 +69,10 @@ class Outcome:
 
     scored: list[dict]  # the samples (for DataLoader batches: ``{"__key__": key}``)
     failed: list[tuple[dict, str]]  # (sample, reason): unreadable, no image, undecodable
-    scores: np.ndarray  # (len(scored),)
+    scores: np.ndarray  # (len(scored),): what the decision was made on (the window score, or the paper score)
     embeddings: np.ndarray | None  # (len(scored), D)
     decision: Decision  # for the scored samples
+    window: WindowScores | None = None  # the window's parts and collapse test, when a window rule decided
 
     def rows(self) -> dict:
         """The batch's score-table columns (:func:`dedefilter.sink.record_batch`): scored samples first,
@@ -80,6 +87,8 @@ class Outcome:
             "status": self.decision.status + ["error"] * n_failed,
             "reasons": self.decision.reasons + [reason for _, reason in self.failed],
             "embeddings": self.embeddings,
+            "parts": {"paper_score": self.scores} if self.window is None else
+            self.window.parts | {"collapse": np.full(len(self.scored), self.window.collapse)},
         }
 
     def counts(self) -> dict[str, int]:
@@ -88,6 +97,14 @@ class Outcome:
         kept = int(self.decision.passed.sum())
         return {"kept": kept, "dropped_above_threshold": int(finite.sum()) - kept,
                 "error_input": len(self.failed), "error_non_finite_score": int((~finite).sum())}
+
+    def slice(self, start: int, stop: int) -> Outcome:
+        """The scored samples start:stop (a loader batch of a window), for giving them out."""
+        rows = slice(start, stop)
+        decision = self.decision
+        return Outcome(self.scored[rows], [], self.scores[rows], None,
+                       Decision(decision.suspect[rows], decision.passed[rows], decision.status[rows],
+                                decision.reasons[rows]))
 
     def passed_on(self, score_field: str, suspect_field: str) -> list[dict]:
         """The samples to pass on, each annotated with its score and suspect flag."""
@@ -107,6 +124,29 @@ def writer_identity() -> tuple[int, int]:
     them (``RANK`` or the initialised ``torch.distributed`` group), so each part file is one shard split's."""
     rank, _, worker, _ = pytorch_worker_info()
     return rank, worker
+
+
+def effective_rule(stored: WindowRule | None, size: int | None) -> WindowRule | None:
+    """The window rule a filter runs: the detector's (``size`` None), none (0), or the detector's (else
+    the default one) with windows of ``size``."""
+    if size is None:
+        return stored
+    if size == 0:
+        return None
+    return replace(stored or WindowRule(), size=size)
+
+
+def windows(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Up to ``size`` consecutive samples of one source (``__url__``): a shard's samples in its order, so a
+    window, and each score in it, is the same whatever worker reads the shard."""
+    window: list[dict] = []
+    for sample in samples:
+        if window and (len(window) == size or sample.get("__url__") != window[0].get("__url__")):
+            yield window
+            window = []
+        window.append(sample)
+    if window:
+        yield window
 
 
 def batched(iterable: Iterable, size: int) -> Iterator[list]:
@@ -182,6 +222,12 @@ class DeDeFilter:
             raise ValueError(f"the threshold was calibrated on {threshold.precision} scores but the scorer runs in "
                              f"{scorer.precision}: bf16 scores differ from fp32 ones by rounding; calibrate with the "
                              "same precision (`dedefilter calibrate --precision`)")
+        self.window = effective_rule(scorer.detector.window, config.window_size)
+        scale = "window" if self.window else "paper"
+        if threshold.scale not in (None, scale):
+            raise ValueError(f"the threshold is on the {threshold.scale} score's scale but this filter decides on the "
+                             f"{scale} score ({'a window rule' if self.window else 'no window rule'}): calibrate "
+                             f"with the same window setting (`dedefilter calibrate --window`) or pass a threshold")
         self.scorer = scorer
         self.threshold = threshold
         self.config = config
@@ -196,7 +242,8 @@ class DeDeFilter:
         """What made the scores (stored with the Parquet schema): config, threshold, encoder, model, stage."""
         detector = self.scorer.detector
         return {"config": asdict(detector.config), "threshold": self.threshold.to_dict(),
-                "encoder": detector.encoder_name, "encoder_fingerprint": detector.encoder_fingerprint,
+                "window": self.window.to_dict() if self.window else None, "encoder": detector.encoder_name,
+                "encoder_fingerprint": detector.encoder_fingerprint,
                 "model_id": detector.model_id, "stage": asdict(self.config)}
 
     def recorder(self, part: str | None = None) -> Recorder:
@@ -213,9 +260,10 @@ class DeDeFilter:
     def __call__(self, samples: Iterable[dict], recorder: Recorder | None = None) -> Iterator[dict]:
         """Filter a stream of samples, recording every one in ``recorder`` (default: :meth:`recorder`),
         whose part is published once ``samples`` ends, and only then."""
+        groups = windows(samples, self.window.size) if self.window else batched(samples, self.config.batch_size)
         with recorder or self.recorder() as record:
-            for batch in batched(samples, self.config.batch_size):
-                passed, outcome = self.filter_batch(batch)
+            for group in groups:
+                passed, outcome = self.filter_batch(group)
                 record.record(outcome)
                 yield from passed
 
@@ -241,24 +289,40 @@ class DeDeFilter:
         reasons[dropped] = [f"score {score} > threshold {threshold}" for score in scores[dropped]]
         return Decision(suspect, passed, status, reasons.tolist())
 
-    def _score(self, scored: list[dict], failed: list[tuple[dict, str]], pixels: torch.Tensor | None) -> Outcome:
-        scores, embeddings = np.empty(0, np.float32), None
-        if scored:
-            result = self.scorer.score_pixels(pixels, [s["__key__"] for s in scored])
-            scores, embeddings = result.scores, result.embeddings
-        return Outcome(scored, failed, scores, embeddings, self._decide(scores))
+    def _score(self, pixels: torch.Tensor, keys: list[str]) -> ScoredBatch:
+        """Paper scores and embeddings (and residuals when a window rule will judge them)."""
+        return self.scorer.score_pixels(pixels, keys, residuals=self.window is not None)
+
+    def _outcome(self, scored: list[dict], failed: list[tuple[dict, str]], batches: list[ScoredBatch]) -> Outcome:
+        """Decide on scored batches that together make one batch or window."""
+        if not scored:
+            return Outcome(scored, failed, np.empty(0, np.float32), None, self._decide(np.empty(0, np.float32)))
+        embeddings = np.concatenate([b.embeddings for b in batches])
+        paper = np.concatenate([b.scores for b in batches])
+        if self.window is None:
+            return Outcome(scored, failed, paper, embeddings, self._decide(paper))
+        judged = score_window(paper, embeddings, np.concatenate([b.residuals for b in batches]), self.window)
+        return Outcome(scored, failed, judged.score, embeddings, self._decide(judged.score), judged)
 
     def process(self, batch: list[dict]) -> Outcome:
-        """Decode, score and decide one batch of samples: the engine-independent core of the stage."""
-        images, scored, failed = [], [], []
-        for sample in batch:
-            try:
-                images.append(self._decode(sample))
-                scored.append(sample)
-            except ValueError as err:
-                failed.append((sample, str(err)))
-                log.warning("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
-        return self._score(scored, failed, to_float(np.stack(images)) if images else None)
+        """Decode, score and decide one batch (or window) of samples: the engine-independent core of the stage.
+
+        Decoded and scored ``batch_size`` samples at a time, so a window's memory is its scores,
+        embeddings and residuals, not its decoded images."""
+        scored, failed, batches = [], [], []
+        for part in batched(batch, self.config.batch_size):
+            images, decoded = [], []
+            for sample in part:
+                try:
+                    images.append(self._decode(sample))
+                    decoded.append(sample)
+                except ValueError as err:
+                    failed.append((sample, str(err)))
+                    log.warning("skipping %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
+            if decoded:
+                batches.append(self._score(to_float(np.stack(images)), [s["__key__"] for s in decoded]))
+                scored += decoded
+        return self._outcome(scored, failed, batches)
 
     def filter_batch(self, batch: list[dict]) -> tuple[list[dict], Outcome]:
         """The samples of ``batch`` to pass on (annotated with score and suspect flag), and the outcome that
@@ -283,7 +347,12 @@ class DeDeFilter:
         Suspects are removed from every tensor/list in the batch (drop mode) or the batch gains
         ``score``/``suspect`` tensors (annotate mode: appended to a tuple, added as ``dede_score``/
         ``dede_suspect`` to a dict). The Parquet part of a pass is published when ``batches`` ends.
+
+        With a window rule, batches are held until they hold ``rule.size`` samples (or the loader ends),
+        then judged together and given out in their order: a window is whole batches in the loader's
+        order, so its scores are reproducible when that order is (no shuffling, or a seeded sampler).
         """
+        held: list[tuple] = []  # (batch, its samples, its scores) not yet given out
         with self.recorder() as record:
             for number, batch in enumerate(batches):
                 keys = batch_keys(batch, key_index, f"batch {number}")
@@ -291,9 +360,21 @@ class DeDeFilter:
                 pixels = unit_pixels(batch[image_index], where)
                 if len(pixels) != len(keys):
                     raise ValueError(f"{where}: {len(pixels)} images but {len(keys)} keys at key_index={key_index!r}")
-                outcome = self._score([{"__key__": key} for key in keys], [], pixels)
-                record.record(outcome)
-                yield self._select(batch, outcome)
+                held.append((batch, [{"__key__": key} for key in keys], self._score(pixels, keys)))
+                if self.window is None or sum(len(samples) for _, samples, _ in held) >= self.window.size:
+                    yield from self._give_out(held, record)
+                    held = []
+            if held:
+                yield from self._give_out(held, record)
+
+    def _give_out(self, held: list[tuple], record: Recorder) -> Iterator:
+        """Decide held loader batches together (one batch, or one window) and give each out filtered."""
+        outcome = self._outcome([s for _, samples, _ in held for s in samples], [], [scored for *_, scored in held])
+        record.record(outcome)
+        start = 0
+        for batch, samples, _ in held:
+            yield self._select(batch, outcome.slice(start, start + len(samples)))
+            start += len(samples)
 
     def _select(self, batch, outcome: Outcome):
         passed, scores, suspect = outcome.decision.passed, outcome.scores, outcome.decision.suspect

@@ -65,7 +65,7 @@ def test_a_threshold_calibrated_in_bf16_makes_filter_score_in_bf16(tmp_path, det
                      str(tmp_path / out), "--workers", "0", "--no-shards", *flags])
 
     def scores(out: str) -> np.ndarray:
-        return ds.dataset(str(tmp_path / out / "parquet")).to_table().sort_by("key")["score"].to_numpy()
+        return ds.dataset(str(tmp_path / out / "parquet")).to_table().sort_by("key")["paper_score"].to_numpy()
 
     assert run("bf16") == 0  # no flag: the stored threshold's precision
     assert run("mismatch", "--precision", "fp32") == 2

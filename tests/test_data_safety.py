@@ -114,7 +114,7 @@ def test_a_shard_that_cannot_be_read_at_run_time_fails_the_run_and_resume_reads_
 
 def test_an_error_raised_in_the_work_names_the_shard_and_is_not_called_an_interruption(
         tmp_path, shards, detector_file, monkeypatch, capsys):
-    def shape_bug(self, pixels, keys):
+    def shape_bug(self, pixels, keys, residuals=False):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (256x64 and 65x64)")
 
     monkeypatch.setattr(Scorer, "score_pixels", shape_bug)
@@ -128,7 +128,7 @@ def test_an_error_raised_in_the_work_names_the_shard_and_is_not_called_an_interr
 
 def test_a_killed_worker_is_an_interruption_and_names_the_temporary_files_it_left(
         tmp_path, shards, detector_file, monkeypatch, capsys):
-    def killed(self, pixels, keys):
+    def killed(self, pixels, keys, residuals=False):
         if torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGKILL)
 

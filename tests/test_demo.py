@@ -13,6 +13,7 @@ from dedefilter import Detector, Scorer, load_encoder
 from dedefilter.data import decode_image
 from dedefilter.demo import BACKDOORED, DemoConfig, run_demo
 from dedefilter.shards import read_shard
+from dedefilter.window import WindowRule, filter_scores
 
 
 def shard_images(shard_dir: Path) -> dict[str, np.ndarray]:
@@ -42,13 +43,20 @@ def test_demo_reports_what_its_parquet_and_shards_hold(tmp_path, fmnist_test):
         flagged = scores > figures["threshold"]
         assert (figures["tpr_at_threshold"], figures["fpr_at_threshold"]) == \
             (round(flagged[positive].mean(), 4), round(flagged[~positive].mean(), 4))
-    # the filter (2 DataLoader workers, batches of 256) scored each key as the Scorer scores that image alone
+    # the filter (2 DataLoader workers, batches of 256) recorded each key's paper score as the Scorer scores that
+    # image alone, and decided on the window score the library gives the shard's images in their order
     encoder = load_encoder(BACKDOORED)
-    scorer = Scorer(encoder, Detector.load(tmp_path / f"detector-{BACKDOORED}.pt", encoder.fingerprint))
-    table = ds.dataset(results["backdoored"]["parquet"]).to_table(columns=["key", "score"])
-    some = table["key"].to_pylist()[::37]
-    assert np.array_equal(scorer.score_array(np.stack([images[k] for k in some]), some),
-                          table["score"].to_numpy()[::37])
+    detector = Detector.load(tmp_path / f"detector-{BACKDOORED}.pt", encoder.fingerprint)
+    assert detector.window == WindowRule() and detector.threshold.scale == "window"
+    scorer = Scorer(encoder, detector)
+    table = ds.dataset(results["backdoored"]["parquet"]).to_table(columns=["key", "score", "paper_score"])
+    recorded = {key: (score, paper) for key, score, paper in zip(
+        table["key"].to_pylist(), table["score"].to_pylist(), table["paper_score"].to_pylist(), strict=True)}
+    some = sorted(images)[::37]
+    assert scorer.score_array(np.stack([images[k] for k in some]), some).tolist() == [recorded[k][1] for k in some]
+    in_order = list(images)  # one shard of 400, in its order: one window
+    window_scores = filter_scores(scorer, np.stack([images[k] for k in in_order]), in_order, detector.window)
+    assert window_scores.tolist() == [recorded[k][0] for k in in_order]
     again = run_demo(config, log=lambda *_: None)
     assert again["backdoored"]["detector"] == again["clean"]["detector"] == "loaded from cache"
     assert again["auroc"] == results["auroc"]  # same detector, same images: same figures

@@ -27,8 +27,9 @@ def run_filter(tmp_path, shards: list[str], encoder: str, detector: str, capsys)
 
 
 def parquet_scores(tmp_path) -> dict[str, float]:
-    table = ds.dataset(str(tmp_path / "out" / "parquet"), format="parquet").to_table(columns=["key", "score"])
-    return dict(zip(table["key"].to_pylist(), table["score"].to_pylist(), strict=True))
+    """The paper score of each key, as the filter recorded it."""
+    table = ds.dataset(str(tmp_path / "out" / "parquet"), format="parquet").to_table(columns=["key", "paper_score"])
+    return dict(zip(table["key"].to_pylist(), table["paper_score"].to_pylist(), strict=True))
 
 
 @pytest.mark.parametrize(("size", "patch"), [(32, 4), (64, 8), (96, 8)])

@@ -1,0 +1,180 @@
+"""Window-level scoring: each sample judged against the other samples of its window of the stream.
+
+The paper score (reconstruction error) looks at one sample. A backdoor leaves traces that only a set of
+samples shows, and which one shows depends on how many triggered images a window holds:
+
+- few: a triggered image is *sparse relative to its neighbours* (simplified LOF, the observation of
+  Huang et al., ICLR 2025): the encoder put it near the target's images, far from the crowd of any
+  real class, so its k-th neighbour is far although its neighbours sit in dense regions;
+- many: they *collapse*. The decoder never draws a trigger (the embedding describes the target, not
+  the patch), so every triggered image leaves the same pattern in its reconstruction residual: a top
+  principal direction of the window's residuals in which they stand out together (spectral
+  signatures, Tran et al. 2018), while their neighbours in embedding space are each other, so their
+  neighbours' mean error z-score (neighbour pooling) is high too. Sparsity no longer helps there (a
+  dense group is not sparse), and with few triggered images those two parts only add noise.
+
+The collapse test counts the samples that stand out in the residual spectrum; when enough do, the
+window is scored by neighbour pooling plus the spectrum, otherwise by the paper score plus sparsity.
+Each part is a robust z-score within the window (median and IQR, so a poisoned minority cannot drag
+it). A window is a deterministic slice of the input (the stage cuts ``size`` consecutive samples of one
+shard), so a sample's score depends on its window, never on the worker, batch or order; memory is
+bounded by ``size`` samples' embeddings and residuals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .scoring import Scorer
+
+PARTS = ("paper_score", "paper_z", "sparsity_z", "pooled_z", "spectrum_z")
+BLOCK = 1024  # rows of the similarity matrix held at once
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    """How the shipped score is made; stored in the detector checkpoint and the Parquet metadata.
+
+    The values were chosen on the demo attack's stream alone (benchmarks/results/detection.json says which
+    attack was held out until they were frozen)."""
+
+    size: int = 1000  # samples per window (the memory bound); a shard's tail may be shorter
+    k: int = 16  # neighbours for sparsity and pooling (Huang et al. use 16)
+    directions: int = 3  # top principal directions of the residuals searched for a shared pattern
+    outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
+    collapse_count: int = 8  # this many outstanding samples make a collapse
+    min_size: int = 64  # a smaller window gets the paper score's z alone
+
+    def __post_init__(self):
+        if self.size < self.min_size or self.k < 1 or self.directions < 1 or self.collapse_count < 1:
+            raise ValueError(f"a window needs size >= min_size ({self.min_size}), k, directions and "
+                             f"collapse_count >= 1: {self}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class WindowScores:
+    """The shipped score of each sample of one window, the parts it was made of, and the collapse test."""
+
+    score: np.ndarray  # (N,) float32
+    parts: dict[str, np.ndarray]  # name -> (N,) float32, see PARTS
+    collapse: bool
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(x - median) / (IQR / 1.349): a z-score that a minority of outliers cannot drag."""
+    values = np.asarray(values, np.float64)
+    low, median, high = np.quantile(values, [0.25, 0.5, 0.75])
+    scale = (high - low) / 1.349
+    return (values - median) / (scale if scale > 0 else 1.0)
+
+
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """Embeddings centred on the window's mean and scaled to unit length (cosine geometry)."""
+    embeddings = np.asarray(embeddings, np.float64)
+    centred = embeddings - embeddings.mean(0)
+    return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+
+
+def nearest(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine distances (N, k) and indices (N, k) of each sample's k nearest others in the window,
+    nearest first; exact, float64, ties broken by index, so every machine finds the same neighbours."""
+    unit = unit_rows(embeddings)
+    n = len(unit)
+    k = min(k, n - 1)
+    distances, ids = np.empty((n, k)), np.empty((n, k), np.int64)
+    for start in range(0, n, BLOCK):
+        rows = np.arange(start, min(start + BLOCK, n))
+        distance = 1 - unit[rows] @ unit.T
+        distance[np.arange(len(rows)), rows] = np.inf  # not its own neighbour
+        order = np.argsort(distance, axis=1, kind="stable")[:, :k]
+        ids[rows] = order
+        distances[rows] = np.take_along_axis(distance, order, axis=1)
+    return distances, ids
+
+
+def sparsity(distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Simplified LOF: log of a sample's k-th neighbour distance over its neighbours' mean k-th neighbour
+    distance; high where a sample is far from the crowd its neighbours belong to."""
+    kth = np.maximum(distances[:, -1], 1e-12)
+    return np.log(kth / kth[ids].mean(1))
+
+
+def pooled(z: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mean z-score of a sample's neighbours."""
+    return z[ids].mean(1)
+
+
+def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:
+    """How far each sample stands out along the top principal directions of the window's residuals:
+    the largest |projection| in robust standard deviations (median absolute deviation) of each direction."""
+    residuals = np.asarray(residuals, np.float64)
+    centred = residuals - np.median(residuals, 0)
+    _, _, top = np.linalg.svd(centred, full_matrices=False)
+    projection = np.abs(centred @ top[:directions].T)
+    spread = np.median(projection, 0) / 0.6745
+    return (projection / np.maximum(spread, 1e-12)).max(1)
+
+
+def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray,
+                 rule: WindowRule) -> WindowScores:
+    """The shipped score of one window's samples from their paper scores, embeddings and residuals.
+
+    A non-finite paper score (a broken encoder or model) stays out of the window and gets NaN parts."""
+    paper_scores = np.asarray(paper_scores, np.float64)
+    finite = np.isfinite(paper_scores)
+    if not finite.all():
+        score = np.full(len(finite), np.nan, np.float32)
+        parts = {name: score.copy() for name in PARTS} | {"paper_score": paper_scores.astype(np.float32)}
+        if not finite.any():
+            return WindowScores(score, parts, False)
+        judged = score_window(paper_scores[finite], embeddings[finite], residuals[finite], rule)
+        score[finite] = judged.score
+        for name in PARTS[1:]:
+            parts[name][finite] = judged.parts[name]
+        return WindowScores(score, parts, judged.collapse)
+    paper_z = robust_z(paper_scores)
+    n = len(paper_z)
+    parts = {"paper_score": paper_scores, "paper_z": paper_z}
+    if n < max(rule.min_size, rule.k + 1, rule.directions + 1):
+        nothing = np.full(n, np.nan)
+        parts |= {"sparsity_z": nothing, "pooled_z": nothing, "spectrum_z": nothing}
+        return WindowScores(paper_z.astype(np.float32), as_float32(parts), False)
+    distances, ids = nearest(embeddings, rule.k)
+    outstanding = spectrum(residuals, rule.directions)
+    parts |= {"sparsity_z": robust_z(sparsity(distances, ids)), "pooled_z": pooled(paper_z, ids),
+              "spectrum_z": robust_z(np.log(outstanding))}
+    collapse = int((outstanding > rule.outlier).sum()) >= rule.collapse_count
+    score = parts["pooled_z"] + parts["spectrum_z"] if collapse else paper_z + parts["sparsity_z"]
+    return WindowScores(score.astype(np.float32), as_float32(parts), collapse)
+
+
+def as_float32(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: part.astype(np.float32) for name, part in parts.items()}
+
+
+def score_windows(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray,
+                  rule: WindowRule) -> WindowScores:
+    """In-memory arrays cut into consecutive windows of ``rule.size``, as the stage cuts a shard (calibration
+    on reference images, benchmarks); the collapse flag says whether any window collapsed."""
+    judged = [score_window(paper_scores[i:i + rule.size], embeddings[i:i + rule.size], residuals[i:i + rule.size],
+                           rule) for i in range(0, len(paper_scores), rule.size)]
+    return WindowScores(np.concatenate([w.score for w in judged]),
+                        {name: np.concatenate([w.parts[name] for w in judged]) for name in PARTS},
+                        any(w.collapse for w in judged))
+
+
+def filter_scores(scorer: Scorer, images: np.ndarray, keys: Sequence[str], rule: WindowRule | None) -> np.ndarray:
+    """What the filter decides on, for an in-memory uint8 array cut into windows as a shard is: the window
+    scores under ``rule``, or the paper scores when it is None (calibration, the demo, benchmarks)."""
+    scored = scorer.score_all(images, keys, residuals=rule is not None)
+    if rule is None:
+        return scored.scores
+    return score_windows(scored.scores, scored.embeddings, scored.residuals, rule).score
