@@ -7,6 +7,9 @@ with new keys for large counts), each configuration in a fresh subprocess so mem
   b  + encoder embedding      ... -> the encoder's forward pass (in the Scorer's fixed-size chunks)
   c  + the full DeDe stage    ``filter_shards``: decode -> encoder + DeDe model -> decide -> Parquet
   e  (c) with bf16            the same, the DeDe model under bfloat16 autocast (Scorer precision="bf16")
+  w  the shipped filter       (c) deciding on the window-level score (``WindowRule()``, what ``dedefilter
+                              calibrate`` stores by default): residuals kept, each shard's windows judged
+  x  (w) with bf16
   d  the official loop        workers decode, the main process runs the encoder and the DeDe model
                               with random masks, a per-sample ``.item()`` loop, and keeps every
                               reconstruction until the end (benchmarks/official_loop.py)
@@ -69,6 +72,7 @@ from dedefilter.scoring import chunk_size
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched
 from dedefilter.training import train_model, training_precision
+from dedefilter.window import WindowRule
 
 ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar", "resnet50": "torchvision:resnet50"}
 MODES = ("a", "b", "c", "e", "d")  # e: (c) with the DeDe model under bf16 autocast
@@ -197,9 +201,11 @@ def run_loader(config: dict) -> dict:
             stages = (lambda s: decoded_batches(s, batch, size), lambda b: embedded_batches(b, encoder, device))
             for embeddings in loader(shard_pipeline(urls, *stages), workers):
                 count += len(embeddings)
-        elif mode in ("c", "e"):
-            scorer = Scorer(encoder, timing_detector(encoder, decoder), device=device,
-                            precision="bf16" if mode == "e" else "fp32")
+        elif mode in ("c", "e", "w", "x"):
+            detector = timing_detector(encoder, decoder)
+            if mode in ("w", "x"):
+                detector = detector.with_threshold(detector.threshold, WindowRule())
+            scorer = Scorer(encoder, detector, device=device, precision="bf16" if mode in ("e", "x") else "fp32")
             result = filter_shards(urls, scorer, Path(tmp) / "out", stage=StageConfig(batch_size=batch),
                                    num_workers=workers, write_shards=False, progress=False)
             if not result.balanced:
@@ -394,6 +400,27 @@ def loader_section(plan: Plan, root: Path, device: str) -> dict:
             "growth": growth}
 
 
+def shipped_section(plan: Plan, root: Path, device: str) -> dict:
+    """The shipped filter's cost: (b) encoder-only, (c)/(e) the paper score in fp32/bf16, (w)/(x) the window-level
+    score in fp32/bf16, ResNet-18 (CIFAR stem), 2 workers, batch 256, in alternated rounds; shards of 1,000
+    samples, so each window is a full one."""
+    count = plan.samples["resnet18"]
+    urls = build_shards(count, root, shard_size=min(1000, count // 2))
+    rounds = []
+    for _ in range(plan.repeats):
+        done = {}
+        for mode in ("b", "c", "w", "e", "x"):
+            done[mode] = in_subprocess({"mode": mode, "encoder": "resnet18", "workers": 2, "batch": 256,
+                                        "device": device, "urls": urls})
+            log(f"shipped round: {mode} {done[mode]['samples_per_s']} samples/s, {done[mode]['seconds']} s")
+        rounds.append(done)
+    out = {"samples": count, "shard_size": min(1000, count // 2), "rounds": rounds}
+    for kind, field in (("ratios", "seconds"), ("cpu_ratios", "cpu_seconds")):
+        out[kind] = {f"{m}_over_b": [round(r[m][field] / r["b"][field], 3) for r in rounds] for m in "cwex"}
+        out[kind.replace("ratios", "medians")] = {name: statistics.median(v) for name, v in out[kind].items()}
+    return out
+
+
 def at224_section(plan: Plan, root: Path, device: str) -> dict:
     """ResNet-50 at 224: (b) encoder-only and (c) the full filter with each decoder, rounds alternating so a
     burst of load on the machine hits all of them."""
@@ -518,6 +545,15 @@ def verdicts(results: dict) -> list[tuple[str, str, bool]]:
                     f"PSS x{memory['pss_ratio']:.3f}"), abs(memory["rss_ratio"] - 1) <= 0.1))
     if results.get("gpu"):
         out += loader_verdicts(results["gpu"], f" (GPU: {results['gpu']['machine']['device_name']})")
+    shipped = results.get("shipped")
+    if shipped:
+        for mode, limit, what in (("w", 1.3, "fp32"), ("x", 1.15, "bf16")):
+            median, cpu = shipped["medians"][f"{mode}_over_b"], shipped["cpu_medians"][f"{mode}_over_b"]
+            out.append((f"the shipped filter (window-level score, DeDe model in {what}) <= {limit}x encoder-only, "
+                        "ResNet-18 CIFAR stem, 2 workers, batch 256",
+                        (f"median ({mode})/(b) = {median:.2f} in wall time over rounds {shipped['ratios'][f'{mode}_over_b']}; "
+                         f"{cpu:.2f} in CPU seconds; the paper score alone (c) {shipped['medians']['c_over_b']:.2f}, "
+                         f"(e) {shipped['medians']['e_over_b']:.2f}"), median <= limit))
     at224 = results.get("at224")
     if at224:
         for name, median in at224["medians"].items():
@@ -632,7 +668,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-dir", default=".dedefilter-demo",
                         help="the demo's work folder: its cached detector is used for the bf16 AUROC check")
     parser.add_argument("--shards-only", action="store_true", help="build the shards this run needs, then stop")
-    parser.add_argument("--only", choices=["loader", "training", "precision", "at224"],
+    parser.add_argument("--only", choices=["loader", "training", "precision", "at224", "shipped"],
                         help="run one section (at224 also on --device cuda)")
     parser.add_argument("--merge-gpu", metavar="JSON", help="add the loader section of a --device cuda run's "
                         "throughput.json to the results in --out as its GPU section, then stop")
@@ -681,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
         cpu, only = args.device == "cpu", args.only
         if only == "at224":  # its own section (on a GPU too: --device cuda --out elsewhere)
             results = save("at224", run | at224_section(plan, root, args.device))
+        if only in (None, "shipped"):
+            results = save("shipped", run | shipped_section(plan, root, args.device))
         if only in (None, "loader"):
             results = save("loader", run | loader_section(plan, root, args.device))
         if only is None and plan.at224:

@@ -10,6 +10,7 @@ from .shards import read_shard, shard_pipeline, tar_samples
 from .sink import SCHEMA, ParquetSink
 from .stage import DeDeFilter, StageConfig
 from .training import train_model
+from .window import WindowRule, WindowScores, filter_scores, score_window
 
 __all__ = [
     "SCHEMA",
@@ -24,6 +25,9 @@ __all__ = [
     "Scorer",
     "StageConfig",
     "Threshold",
+    "WindowRule",
+    "WindowScores",
+    "filter_scores",
     "filter_shards",
     "fixed",
     "for_contamination",
@@ -31,6 +35,7 @@ __all__ = [
     "ledger",
     "load_encoder",
     "read_shard",
+    "score_window",
     "shard_pipeline",
     "tar_samples",
     "train_model",

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import calibration
+from . import calibration, window
 from .config import DeDeConfig
 from .data import FASHION_MNIST_SPLITS, IMAGE_SIZE, DataUnavailable, fashion_mnist, photo_patches, resize_images
 from .detector import CheckpointError, Detector
@@ -23,7 +23,7 @@ from .encoders import EncoderInput, decode_size, load_encoder
 from .job import JobFailed, JobInterrupted
 from .scoring import PRECISIONS, Scorer
 from .stage import StageConfig
-from .window import WindowRule, filter_scores
+from .window import WindowRule
 
 
 def image_source(spec: str, count: int, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -209,14 +209,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         detector = Detector.load(args.detector, encoder.fingerprint)
         scorer = Scorer(encoder, detector, precision=args.precision)
         images = image_source(args.reference, args.n_reference, args.seed, scorer.decode_size)
-        scores = filter_scores(scorer, images, [f"reference-{i}" for i in range(len(images))], rule)
-        scale = "window" if rule else "paper"
-        threshold = (calibration.for_false_positive_rate(scores, args.fpr, scale) if args.fpr is not None
-                     else calibration.for_contamination(scores, args.contamination, scale))
+        threshold, rule = window.calibrate(scorer, images, rule, fpr=args.fpr, fraction=args.contamination)
         threshold = replace(threshold, precision=args.precision)
     detector.with_threshold(threshold, rule).save(args.out or args.detector)
-    window = f"judged in windows of {rule.size}" if rule else "the paper score alone"
-    print(f"threshold {json.dumps(threshold.to_dict())} saved to {args.out or args.detector} ({window})")
+    judged = f"judged in windows of {rule.size}" if rule else "the paper score alone"
+    print(f"threshold {json.dumps(threshold.to_dict())} saved to {args.out or args.detector} ({judged})")
 
 
 def cmd_filter(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow.dataset as ds
 
 from .attacks.triggers import PatchTrigger, poison
-from .calibration import for_false_positive_rate
 from .config import DeDeConfig
 from .data import FASHION_MNIST_CLASSES, fashion_mnist
 from .detector import CheckpointError, Detector
@@ -31,7 +30,7 @@ from .scoring import Scorer
 from .shards import write_image_shards
 from .stage import StageConfig
 from .training import train_model
-from .window import WindowRule, filter_scores
+from .window import WindowRule, calibrate
 
 BACKDOORED, CLEAN = BACKDOORED_ENCODER, CLEAN_ENCODER
 
@@ -75,11 +74,8 @@ def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, confi
     model, record = train_model(encoder, aux, dede, log=log)
     detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"demo": made_with},
                         encoder_input=encoder.input)
-    keys = [f"reference-{i:05d}" for i in range(len(reference))]
     rule = WindowRule(size=config.window) if config.window else None
-    reference_scores = filter_scores(Scorer(encoder, detector), reference, keys, rule)
-    threshold = for_false_positive_rate(reference_scores, config.target_fpr, "window" if rule else "paper")
-    detector = detector.with_threshold(threshold, rule)
+    detector = detector.with_threshold(*calibrate(Scorer(encoder, detector), reference, rule, fpr=config.target_fpr))
     detector.save(path)
     return detector, "trained"
 

@@ -24,10 +24,13 @@ bounded by ``size`` samples' embeddings and residuals.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.linalg
+
+from .calibration import Threshold, for_contamination, for_false_positive_rate, upper_quantile
 
 if TYPE_CHECKING:
     from .scoring import Scorer
@@ -49,6 +52,9 @@ class WindowRule:
     outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
     collapse_count: int = 8  # this many outstanding samples make a collapse
     min_size: int = 64  # a smaller window gets the paper score's z alone
+    # Set by calibration (:func:`calibrate`): added to a collapsed window's score so that its clean reference
+    # quantile at the cut's level meets the quiet score's; the two scores have tails of different weight.
+    collapse_shift: float = 0.0
 
     def __post_init__(self):
         if self.size < self.min_size or self.k < 1 or self.directions < 1 or self.collapse_count < 1:
@@ -65,7 +71,7 @@ class WindowScores:
 
     score: np.ndarray  # (N,) float32
     parts: dict[str, np.ndarray]  # name -> (N,) float32, see PARTS
-    collapse: bool
+    collapse: np.ndarray  # (N,) bool: did the collapse test fire on the sample's window
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
@@ -114,13 +120,28 @@ def pooled(z: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:
     """How far each sample stands out along the top principal directions of the window's residuals:
-    the largest |projection| in robust standard deviations (median absolute deviation) of each direction."""
+    the largest |projection| in robust standard deviations (median absolute deviation) of each direction.
+
+    The projections on the top directions are the top eigenvectors of the window's (N, N) Gram matrix
+    scaled by the singular values, which the robust scaling cancels: ~10x faster than an SVD of the
+    (N, pixels) residuals at N = 1,000."""
     residuals = np.asarray(residuals, np.float64)
     centred = residuals - np.median(residuals, 0)
-    _, _, top = np.linalg.svd(centred, full_matrices=False)
-    projection = np.abs(centred @ top[:directions].T)
+    n = len(centred)
+    _, top = scipy.linalg.eigh(centred @ centred.T, subset_by_index=[n - directions, n - 1])
+    projection = np.abs(top)
     spread = np.median(projection, 0) / 0.6745
-    return (projection / np.maximum(spread, 1e-12)).max(1)
+    return (projection / np.maximum(spread, 1e-300)).max(1)
+
+
+def quiet_score(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """The score of a window without a collapse: few triggered images, each sparse among its neighbours."""
+    return parts["paper_z"] + parts["sparsity_z"]
+
+
+def collapsed_score(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """The score of a collapsed window (before the calibrated shift): many triggered images together."""
+    return parts["pooled_z"] + parts["spectrum_z"]
 
 
 def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray,
@@ -134,7 +155,7 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
         score = np.full(len(finite), np.nan, np.float32)
         parts = {name: score.copy() for name in PARTS} | {"paper_score": paper_scores.astype(np.float32)}
         if not finite.any():
-            return WindowScores(score, parts, False)
+            return WindowScores(score, parts, np.zeros(len(finite), bool))
         judged = score_window(paper_scores[finite], embeddings[finite], residuals[finite], rule)
         score[finite] = judged.score
         for name in PARTS[1:]:
@@ -146,14 +167,14 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
     if n < max(rule.min_size, rule.k + 1, rule.directions + 1):
         nothing = np.full(n, np.nan)
         parts |= {"sparsity_z": nothing, "pooled_z": nothing, "spectrum_z": nothing}
-        return WindowScores(paper_z.astype(np.float32), as_float32(parts), False)
+        return WindowScores(paper_z.astype(np.float32), as_float32(parts), np.zeros(n, bool))
     distances, ids = nearest(embeddings, rule.k)
     outstanding = spectrum(residuals, rule.directions)
     parts |= {"sparsity_z": robust_z(sparsity(distances, ids)), "pooled_z": pooled(paper_z, ids),
               "spectrum_z": robust_z(np.log(outstanding))}
     collapse = int((outstanding > rule.outlier).sum()) >= rule.collapse_count
-    score = parts["pooled_z"] + parts["spectrum_z"] if collapse else paper_z + parts["sparsity_z"]
-    return WindowScores(score.astype(np.float32), as_float32(parts), collapse)
+    score = collapsed_score(parts) + rule.collapse_shift if collapse else quiet_score(parts)
+    return WindowScores(score.astype(np.float32), as_float32(parts), np.full(n, collapse))
 
 
 def as_float32(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -163,18 +184,38 @@ def as_float32(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def score_windows(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray,
                   rule: WindowRule) -> WindowScores:
     """In-memory arrays cut into consecutive windows of ``rule.size``, as the stage cuts a shard (calibration
-    on reference images, benchmarks); the collapse flag says whether any window collapsed."""
+    on reference images, benchmarks)."""
     judged = [score_window(paper_scores[i:i + rule.size], embeddings[i:i + rule.size], residuals[i:i + rule.size],
                            rule) for i in range(0, len(paper_scores), rule.size)]
     return WindowScores(np.concatenate([w.score for w in judged]),
                         {name: np.concatenate([w.parts[name] for w in judged]) for name in PARTS},
-                        any(w.collapse for w in judged))
+                        np.concatenate([w.collapse for w in judged]))
 
 
 def filter_scores(scorer: Scorer, images: np.ndarray, keys: Sequence[str], rule: WindowRule | None) -> np.ndarray:
     """What the filter decides on, for an in-memory uint8 array cut into windows as a shard is: the window
-    scores under ``rule``, or the paper scores when it is None (calibration, the demo, benchmarks)."""
+    scores under ``rule``, or the paper scores when it is None (the demo's checks, benchmarks)."""
     scored = scorer.score_all(images, keys, residuals=rule is not None)
+    return score_windows(scored.scores, scored.embeddings, scored.residuals, rule).score if rule else scored.scores
+
+
+def calibrate(scorer: Scorer, images: np.ndarray, rule: WindowRule | None, fpr: float | None = None,
+              fraction: float | None = None) -> tuple[Threshold, WindowRule | None]:
+    """The threshold (and the rule with its collapse shift) from reference images cut into windows: at most
+    ``fpr`` of clean references above it, or the top ``fraction`` of a sample of the data itself (a removal
+    budget). ``rule`` None: the paper score alone. What ``dedefilter calibrate`` runs."""
+    if (fpr is None) == (fraction is None):
+        raise ValueError("give exactly one of fpr and fraction")
+    level = fpr if fpr is not None else fraction
+    make = for_false_positive_rate if fpr is not None else for_contamination
+    scored = scorer.score_all(images, [f"reference-{i}" for i in range(len(images))], residuals=rule is not None)
     if rule is None:
-        return scored.scores
-    return score_windows(scored.scores, scored.embeddings, scored.residuals, rule).score
+        return make(scored.scores, level, "paper"), None
+    judged = score_windows(scored.scores, scored.embeddings, scored.residuals, replace(rule, collapse_shift=0.0))
+    quiet, collapsed = quiet_score(judged.parts), collapsed_score(judged.parts)
+    usable = np.isfinite(quiet) & np.isfinite(collapsed)  # windows of at least min_size
+    if usable.any():
+        shift = upper_quantile(quiet[usable], level) - upper_quantile(collapsed[usable], level)
+        rule = replace(rule, collapse_shift=float(np.float32(shift)))
+    scores = score_windows(scored.scores, scored.embeddings, scored.residuals, rule).score
+    return make(scores, level, "window"), rule

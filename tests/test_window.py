@@ -1,0 +1,149 @@
+"""The window-level score: each part on planted data, the collapse test, the memory bound, the same scores
+in any worker or batch layout, and thresholds that keep their false-positive rate on clean data."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from dedefilter import DeDeFilter, StageConfig, filter_shards, fixed, for_false_positive_rate
+from dedefilter.metrics import auroc
+from dedefilter.scoring import Scorer
+from dedefilter.window import WindowRule, filter_scores, score_window, score_windows
+
+RULE = WindowRule(size=1000)
+
+
+def clean_window(rng: np.random.Generator, n: int = 1000, dim: int = 32, pixels: int = 192):
+    """Paper scores, embeddings in ten classes, and residuals of n clean samples, all noisy."""
+    centres = rng.normal(size=(10, dim))
+    embeddings = centres[rng.integers(0, 10, n)] + 0.3 * rng.normal(size=(n, dim))
+    return rng.gamma(4.0, 0.01, n), embeddings, rng.normal(size=(n, pixels))
+
+
+def test_sparsity_finds_a_few_planted_samples_that_sit_between_classes():
+    rng = np.random.default_rng(0)
+    scores, embeddings, residuals = clean_window(rng)
+    planted = np.arange(3)  # 0.3% of the window: too few to collapse
+    embeddings[planted] = embeddings[10:13].mean(0) + 0.3 * rng.normal(size=(3, embeddings.shape[1]))
+    judged = score_window(scores, embeddings, residuals, RULE)
+    assert not judged.collapse.any()
+    top = np.argsort(-judged.parts["sparsity_z"])[:10]
+    assert set(planted) <= set(top)
+    np.testing.assert_allclose(judged.score, judged.parts["paper_z"] + judged.parts["sparsity_z"], atol=1e-5)
+
+
+def test_a_planted_collapse_fires_the_test_and_pooling_plus_spectrum_rank_it_first():
+    rng = np.random.default_rng(1)
+    scores, embeddings, residuals = clean_window(rng)
+    planted = rng.choice(1000, 30, replace=False)  # 3%: one shared trigger, one target embedding
+    residuals[planted] += 6 * rng.normal(size=residuals.shape[1])
+    embeddings[planted] = rng.normal(size=embeddings.shape[1]) + 0.01 * rng.normal(size=(30, embeddings.shape[1]))
+    scores[planted] *= 1.5  # the decoder draws the target, not the image
+    judged = score_window(scores, embeddings, residuals, RULE)
+    truth = np.isin(np.arange(1000), planted)
+    assert judged.collapse.all()
+    assert auroc(judged.score, truth) == 1.0
+    assert auroc(judged.parts["spectrum_z"], truth) == 1.0 and auroc(judged.parts["pooled_z"], truth) > 0.99
+    assert auroc(judged.parts["paper_z"], truth) < 0.95  # the paper score alone does not separate them
+
+
+def test_a_clean_window_does_not_collapse_and_its_scores_stay_centred():
+    for seed in range(5):
+        judged = score_window(*clean_window(np.random.default_rng(seed)), RULE)
+        assert not judged.collapse.any()
+        assert abs(float(np.median(judged.score))) < 0.5
+
+
+def test_a_short_window_and_non_finite_scores_fall_back_to_the_paper_z_and_nan():
+    rng = np.random.default_rng(2)
+    scores, embeddings, residuals = clean_window(rng, n=40)
+    short = score_window(scores, embeddings, residuals, RULE)
+    assert np.isnan(short.parts["sparsity_z"]).all() and np.array_equal(short.score, short.parts["paper_z"])
+    scores, embeddings, residuals = clean_window(rng)
+    scores[5] = np.nan
+    judged = score_window(scores, embeddings, residuals, RULE)
+    assert np.isnan(judged.score[5]) and np.isfinite(np.delete(judged.score, 5)).all()
+    alone = score_window(np.delete(scores, 5), np.delete(embeddings, 5, 0), np.delete(residuals, 5, 0), RULE)
+    assert np.array_equal(np.delete(judged.score, 5), alone.score)  # a broken sample does not move the others
+
+
+def test_windows_follow_the_rule_size_and_are_independent():
+    rng = np.random.default_rng(3)
+    parts = [clean_window(rng) for _ in range(3)]
+    stream = [np.concatenate(p) for p in zip(*parts, strict=True)]
+    whole = score_windows(*stream, RULE)
+    for i, part in enumerate(parts):
+        assert np.array_equal(whole.score[i * 1000:(i + 1) * 1000], score_window(*part, RULE).score)
+
+
+# --- on real images, through the product ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def windowed_scorer(encoder, detector, fmnist_test):
+    """The suite's small detector, calibrated at 5% FPR on windows of 100 clean test images."""
+    rule = WindowRule(size=100)
+    images, _ = fmnist_test
+    reference = images[7000:8000]
+    scores = filter_scores(Scorer(encoder, detector), reference, [f"ref-{i}" for i in range(1000)], rule)
+    return Scorer(encoder, detector.with_threshold(for_false_positive_rate(scores, 0.05, "window"), rule))
+
+
+def test_a_threshold_on_clean_windows_keeps_its_false_positive_rate_on_other_clean_images(windowed_scorer,
+                                                                                         fmnist_test):
+    images, _ = fmnist_test
+    detector = windowed_scorer.detector
+    scores = filter_scores(windowed_scorer, images[8000:9000], [f"c-{i}" for i in range(1000)], detector.window)
+    assert 0.02 <= float((scores > detector.threshold.value).mean()) <= 0.09
+
+
+def test_windowed_parquet_is_identical_for_any_workers_and_batch_size(tmp_path, windowed_scorer, shards):
+    tables = []
+    for workers, batch in [(0, 64), (2, 64), (0, 100), (2, 30)]:
+        out = tmp_path / f"w{workers}-b{batch}"
+        filter_shards(shards, windowed_scorer, out, stage=StageConfig(batch_size=batch), num_workers=workers,
+                      progress=False)
+        tables.append(ds.dataset(str(out / "parquet")).to_table().sort_by("key").to_pylist())
+    assert all(table == tables[0] for table in tables[1:])
+    assert all(row["sparsity_z"] is not None and row["collapse"] is not None for row in tables[0])
+    dropped = [row for row in tables[0] if row["status"] == "dropped"]
+    assert dropped and all(row["score"] > row["threshold"] for row in dropped)
+
+
+def test_the_stage_holds_at_most_one_window(windowed_scorer, shard_data):
+    images, _, keys = shard_data
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        from dedefilter.data import encode_png
+        for key, image in zip(keys, images, strict=True):
+            pulled += 1
+            yield {"__key__": key, "__url__": "one-long-shard", "png": encode_png(image)}
+
+    stage = DeDeFilter(windowed_scorer, config=StageConfig(batch_size=32, drop=False))
+    for given, _ in enumerate(islice(stage(source()), 250), start=1):
+        assert pulled <= given + windowed_scorer.detector.window.size  # never more than a window ahead
+
+
+def test_the_dataloader_wrapper_judges_windows_of_whole_batches(windowed_scorer, shard_data):
+    images, _, keys = shard_data
+    stage = DeDeFilter(windowed_scorer, config=StageConfig(drop=False))
+    pixels = torch.from_numpy(images[:200]).permute(0, 3, 1, 2)
+    batches = [{"image": pixels[i:i + 50], "__key__": keys[i:i + 50]} for i in range(0, 200, 50)]
+    scores = torch.cat([b["dede_score"] for b in stage.filter_batches(batches, image_index="image")]).numpy()
+    expected = filter_scores(windowed_scorer, images[:200], keys[:200], windowed_scorer.detector.window)
+    assert np.array_equal(scores, expected)  # windows of 100 = two batches of 50 each
+
+
+def test_a_threshold_on_the_other_scale_is_refused(scorer, windowed_scorer):
+    on_paper_scores = for_false_positive_rate(np.linspace(0, 1, 100), 0.05)
+    with pytest.raises(ValueError, match="on the paper score's scale but this filter decides on the window"):
+        DeDeFilter(scorer, on_paper_scores, StageConfig(window_size=1000))
+    with pytest.raises(ValueError, match="on the window score's scale but this filter decides on the paper"):
+        DeDeFilter(windowed_scorer, config=StageConfig(window_size=0))
+    assert DeDeFilter(windowed_scorer, fixed(0.1), StageConfig(window_size=0)).window is None  # a given cut: any scale
