@@ -6,7 +6,9 @@ poisoned img2dataset shards (Carlini & Terzis data poisoning) -> train a small C
 with the CLIP's image tower -> ``audit`` -> ``select`` / ``reshard`` -> retrain the CLIP on the cleaned
 shards -> zero-shot ASR and accuracy, next to a CLIP trained on the corpus without its poisoned pairs.
 
-Every step of the filter is the ``dedefilter`` command (a subprocess), scored with the paper score.
+Every step of the filter is the ``dedefilter`` command (a subprocess) with its defaults: the shipped
+window-level score (``dedefilter.window``); the paper score of each pair, in the same Parquet rows, is
+reported beside it.
 Captions are written from the Fashion-MNIST labels (see dedefilter/imagetext.py).
 
     python -m benchmarks.clip_loop            # 20,000 pairs (~1 h on 2 free cores)
@@ -107,14 +109,18 @@ def train_reference(pairs, keep: np.ndarray, clip_config: ClipConfig, data: dict
 
 
 def detection_metrics(parquet_dir: Path, truth: dict[str, bool], labels: dict[str, int], selected: int) -> dict:
-    table = ds.dataset(str(parquet_dir), format="parquet").to_table(columns=["key", "score"],
+    table = ds.dataset(str(parquet_dir), format="parquet").to_table(columns=["key", "score", "paper_score"],
                                                                     filter=ds.field("status") != "error")
     keys, scores = table["key"].to_pylist(), table["score"].to_numpy()
+    paper = table["paper_score"].to_numpy()
     poisoned = np.array([truth[k] for k in keys])
     label = np.array([labels[k] for k in keys])
     order = np.argsort(-scores, kind="stable")[:selected]
+    paper_order = np.argsort(-paper, kind="stable")[:selected]
     return {"auroc": round(auroc(scores, poisoned), 4),
             "recall_at_10pct": round(float(poisoned[order].sum() / poisoned.sum()), 4),
+            "paper_score_auroc": round(auroc(paper, poisoned), 4),
+            "paper_score_recall_at_10pct": round(float(poisoned[paper_order].sum() / poisoned.sum()), 4),
             "auroc_per_source_class": auroc_per_source_class(scores, poisoned, label, FASHION_MNIST_CLASSES),
             "n_scored": len(keys), "n_poisoned": int(poisoned.sum())}
 
@@ -197,7 +203,9 @@ def run(config: LoopConfig, log=print) -> dict:
         "removed_share": round(removal["reshard"]["removed"] / len(pairs.keys), 4),
         "asr_after": after["zero_shot_asr"], "acc_after": after["zero_shot_accuracy"],
         "poisoned_pairs_left": remaining, "n_pairs": len(pairs.keys), "n_poisoned": int(poisoned.sum()),
-        "score": "paper (DeDe reconstruction error, what `dedefilter filter` runs)",
+        "score": "the shipped window-level score, what `dedefilter filter` runs by default",
+        "paper_score_auroc": detection["paper_score_auroc"],
+        "paper_score_recall_at_10pct": detection["paper_score_recall_at_10pct"],
         "detection": detection, "removal": removal, "audit": audit,
         "models": {"poisoned": before, "clean": clean, "retrained": after, "random_init_probe": random_tower},
         "attack": attack.describe(), "config": asdict(config), "seconds": seconds,
@@ -218,8 +226,10 @@ def markdown(r: dict) -> str:
             ("zero-shot ASR, poisoned CLIP", f"{r['asr_before']:.1%}"),
             ("zero-shot accuracy, poisoned CLIP", f"{r['acc_before']:.1%}"),
             ("zero-shot accuracy, CLIP without the poisoned pairs", f"{r['acc_clean_model']:.1%}"),
-            ("AUROC (paper score, poisoned CLIP's image tower)", f"{r['auroc']:.3f}"),
+            ("AUROC (the shipped score, poisoned CLIP's image tower)", f"{r['auroc']:.3f}"),
             (f"recall of poisoned pairs, top {c['removal_budget']:.0%} removed", f"{r['recall_at_10pct']:.1%}"),
+            ("the paper score alone: AUROC / recall at the same budget",
+             f"{r['paper_score_auroc']:.3f} / {r['paper_score_recall_at_10pct']:.1%}"),
             ("share of the corpus removed", f"{r['removed_share']:.1%}"),
             ("poisoned pairs left", str(r["poisoned_pairs_left"])),
             ("zero-shot ASR after retraining on the cleaned shards", f"{r['asr_after']:.1%}"),

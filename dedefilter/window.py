@@ -15,6 +15,8 @@ samples shows, and which one shows depends on how many triggered images a window
 
 The collapse test counts the samples that stand out in the residual spectrum; when enough do, the
 window is scored by neighbour pooling plus the spectrum, otherwise by the paper score plus sparsity.
+The two scores have tails of different weight, so :func:`calibrate` also shifts the collapsed one to
+meet the quiet one at the cut's quantile of the reference windows: one threshold serves both.
 Each part is a robust z-score within the window (median and IQR, so a poisoned minority cannot drag
 it). A window is a deterministic slice of the input (the stage cuts ``size`` consecutive samples of one
 shard), so a sample's score depends on its window, never on the worker, batch or order; memory is

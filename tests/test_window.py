@@ -3,6 +3,7 @@ in any worker or batch layout, and thresholds that keep their false-positive rat
 
 from __future__ import annotations
 
+import json
 from itertools import islice
 
 import numpy as np
@@ -110,6 +111,8 @@ def test_windowed_parquet_is_identical_for_any_workers_and_batch_size(tmp_path, 
         tables.append(ds.dataset(str(out / "parquet")).to_table().sort_by("key").to_pylist())
     assert all(table == tables[0] for table in tables[1:])
     assert all(row["sparsity_z"] is not None and row["collapse"] is not None for row in tables[0])
+    metadata = json.loads(ds.dataset(str(out / "parquet")).schema.metadata[b"dedefilter"])
+    assert metadata["window"] == windowed_scorer.detector.window.to_dict()  # the rule that decided, with the rows
     dropped = [row for row in tables[0] if row["status"] == "dropped"]
     assert dropped and all(row["score"] > row["threshold"] for row in dropped)
 
