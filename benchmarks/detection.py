@@ -1,82 +1,100 @@
-"""Detection benchmark: real attacks on real images, DeDe against baselines, and the downstream effect.
+"""Detection sweep: the product's window score against the paper score and four baselines, on streams of
+Fashion-MNIST test images 0.1% to 18% triggered, with five kinds of auxiliary data (issue 13, item 4).
 
-    python -m benchmarks.detection [--quick] [--device cuda] [--attacks NAME ...]
+    python -m benchmarks.detection [--quick] [--device cuda] [--attacks NAME ...] [--fresh]
+    python -m benchmarks.detection --heldout      # the held-out attack, once, after every choice is frozen
+    python -m benchmarks.detection --assemble     # only write the report from the saved per-attack parts
 
-For each attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.registry``): a test
-stream of clean Fashion-MNIST test images plus triggered non-target-class test images, a disjoint clean
-reference set (thresholds at 1% FPR, z-scores), three DeDe detectors (auxiliary data: in-distribution
-clean, in-distribution 1% poisoned, out-of-distribution photo patches), the baselines and the DeDe score
-variants on the same inputs, AUROC per source class, and a linear probe on the attacked encoder's
-features: clean accuracy (CA) and attack success rate (ASR) before and after the filter drops suspects.
-Writes ``benchmarks/results/detection.{json,md}``.
+Per attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.registry``):
+
+- The stream: the 10,000 Fashion-MNIST test images in a seeded shuffled order, cut into shards (windows) of
+  1,000 as ``dedefilter filter`` cuts a shard. At share s, a seeded draw of round(s * 10,000) non-target-class
+  images is replaced by their triggered versions; the draws are nested (the first n of one seeded order),
+  the same for every method and auxiliary set. For the class-disjoint detector the draw comes only from the
+  five classes its decoder never saw.
+- Every image any stream holds is scored once per detector with :meth:`dedefilter.Scorer.score_all`
+  (paper scores, embeddings, residuals); each stream is assembled from those arrays, and
+  ``paper`` is its paper score, ``shipped`` :func:`dedefilter.window.score_windows` with the default
+  :class:`~dedefilter.window.WindowRule` over its windows: what ``filter`` runs with a detector calibrated
+  by ``calibrate`` (default ``--window 1000``).
+- Detectors (the paper's DeDe config, as the demo trains it): in-distribution clean, in-distribution 1%
+  poisoned, class-disjoint (the target class and four others), OOD photo patches, and ``self``: a sample of
+  the 1%-share stream itself (scored on every share, trained at 1%).
+- Thresholds as ``calibrate`` sets them: 1% FPR on 2,000 clean reference images (train[50000:52000], windows
+  of 1,000, :func:`dedefilter.window.filter_scores`); for ``self`` a 2% removal budget on the stream's first
+  2,000 images (``calibrate --budget 0.02`` with the stream's shards as ``--reference``). Baselines the same,
+  on their own window scores.
+- Baselines on the same windows: L2 norm (two-sided robust z in the window), kNN density (k=10), masking
+  consistency (per sample), and the k-NN sparsity of Huang et al. (ICLR 2025; k=16, the window as reference,
+  the library's :func:`dedefilter.window.nearest` / :func:`~dedefilter.window.sparsity`).
+- Downstream: a linear probe on the attacked encoder (train[50000:60000]); clean accuracy (CA) and attack
+  success rate (ASR) on the stream before and after dropping each method's suspects.
+
+One row per (attack, share, aux, method) in ``"sweep"`` of ``benchmarks/results/detection.json``. Each attack
+is saved as a part when it finishes; a rerun skips attacks whose part was made with the same settings, and
+the report is assembled from the parts.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
-import multiprocessing
-import os
 import platform
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dedefilter import audit
-from dedefilter.attacks.registry import ATTACKS, PROBE_TRAIN, load_or_train
+from dedefilter.attacks.registry import ATTACKS, PRETRAIN, PROBE_TRAIN, load_or_train
 from dedefilter.attacks.triggers import poison
-from dedefilter.calibration import for_false_positive_rate
+from dedefilter.calibration import for_contamination, for_false_positive_rate, upper_quantile
 from dedefilter.config import DeDeConfig
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist, photo_patches
 from dedefilter.detector import CheckpointError, Detector
-from dedefilter.encoders import Encoder, to_float
-from dedefilter.metrics import (
-    auprc,
-    auroc,
-    auroc_per_source_class,
-    rates_at_threshold,
-    tpr_at_fpr,
-)
+from dedefilter.encoders import Encoder, embed_array, to_float
+from dedefilter.metrics import auroc, tpr_at_fpr
 from dedefilter.probe import train_linear_probe
+from dedefilter.scoring import ScoredBatch, Scorer
 from dedefilter.training import train_model
+from dedefilter.window import WindowRule, filter_scores, nearest, robust_z, score_windows, sparsity
 
 from . import detection_methods as methods
 
-AUX_MODES = ("id-clean", "id-poisoned-1%", "ood-photos")
-BASELINES = ("l2-norm", "knn-density", "mask-consistency")
-VARIANTS = ("dede", "dede-mean8", "dede-embedding", "dede-differential", "dede-spectral", "dede+density",
-            "dede+consistency", "dede+density+consistency", "dede+density+consistency+neighbours",
-            "dede+density+consistency+neighbours+spectral")
+SHARES = (0.001, 0.005, 0.01, 0.03, 0.18)
+AUX_MODES = ("id-clean", "id-poisoned-1%", "class-disjoint", "ood-photos", "self")
+BASELINES = ("l2-norm", "knn-density", "mask-consistency", "knn-sparsity")
+METHODS = ("paper", "shipped", *BASELINES)
+SPARSITY_K = 16  # Huang et al.'s k
 MIN_ASR = 0.8  # an attack that does not work is not a test of a detector: listed, not evaluated
-# The variant of the downstream table and the must-show figures: one choice for every attack, not picked per
-# attack (picked after seeing these attacks' results, see the README).
-BEST = "dede+density+consistency+neighbours+spectral"
-# The table's attacks, encoders committed in benchmarks/attacks (the three that do not take are listed as such);
-# drupe-patch-trouser, also committed, is the held-out check that runs on its own (README).
-TABLE_ATTACKS = ("badencoder-patch-trouser", "badencoder-patch-tshirt", "badencoder-blend-tshirt", "drupe-patch-tshirt",
-                 "badencoder-small-tshirt", "badencoder-ctrl-tshirt", "sslpoison-patch-tshirt", "ctrl-tshirt")
-POISON_SHARES = (0.01, 0.03)  # the stream-level scores rerun on streams this share triggered (and the full one)
+# The working attacks, encoders committed in benchmarks/attacks, in the order the full run takes them.
+SWEEP_ATTACKS = ("badencoder-patch-trouser", "badencoder-patch-tshirt", "badencoder-blend-tshirt", "drupe-patch-tshirt",
+                 "badencoder-small-tshirt")
+# Held out: the window rule was tuned on badencoder-patch-trouser alone and frozen before this attack ran.
+HELDOUT = "drupe-patch-trouser"
+# The class-disjoint detector sees the target class and the first four of these that are not the target.
+DISJOINT_OTHERS = (2, 4, 7, 9, 5)  # Pullover, Coat, Sneaker, Ankle boot (Sandal if one is the target)
+REFERENCE = slice(PROBE_TRAIN.start, PROBE_TRAIN.start + 2000)  # clean, held out of encoders and aux data
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    attacks: tuple[str, ...] = TABLE_ATTACKS
-    n_clean: int = 4000  # clean images in the test stream
-    n_triggered_per_class: int = 100  # triggered test images per non-target class
-    n_reference: int = 1000  # clean held-out test images: thresholds and z-scores
+    attacks: tuple[str, ...] = SWEEP_ATTACKS
+    aux_modes: tuple[str, ...] = AUX_MODES
+    shares: tuple[float, ...] = SHARES
+    n_stream: int = 10_000  # Fashion-MNIST test images in a stream (all of them)
+    n_reference: int = 2000  # clean reference images (id / class-disjoint / ood), or stream images (self)
     n_aux: int = 6000
     aux_poison_fraction: float = 0.01
+    self_share: float = 0.01  # the stream the self detector is trained on
     epochs: int = 10
     n_probe_train: int = 10_000
-    target_fpr: float = 0.01  # the threshold_tpr / threshold_fpr columns
-    filter_fpr: float = 0.02  # the filter's threshold for the downstream figures: costs <= ~2 points of clean accuracy
+    target_fpr: float = 0.01  # thresholds from clean references
+    budget: float = 0.02  # the self detector's removal budget
     seed: int = 0
     device: str = "cpu"
     attack_dir: str = "benchmarks/attacks"
@@ -84,157 +102,216 @@ class BenchConfig:
     results: str = "benchmarks/results/detection"
 
 
-QUICK = {"attacks": ("badencoder-patch-trouser", "badencoder-patch-tshirt"), "n_clean": 1000,
-         "n_triggered_per_class": 40, "n_reference": 500, "n_aux": 1500, "epochs": 3, "n_probe_train": 3000,
-         "results": "benchmarks/results/detection-quick"}
+QUICK = {"attacks": ("badencoder-patch-trouser", "badencoder-patch-tshirt"), "aux_modes": ("id-poisoned-1%", "self"),
+         "n_aux": 1500, "epochs": 3, "n_probe_train": 3000, "results": "benchmarks/results/detection-quick"}
+RESULT_FIELDS = ("aux_modes", "shares", "n_stream", "n_reference", "n_aux", "aux_poison_fraction", "self_share",
+                 "epochs", "n_probe_train", "target_fpr", "budget", "seed")  # the settings a part's rows depend on
+
+
+def disjoint_classes(target: int) -> tuple[list[int], list[int]]:
+    """(classes the class-disjoint detector sees, the five it never sees: the triggered images' sources)."""
+    seen = sorted([target, *[c for c in DISJOINT_OTHERS if c != target][:4]])
+    return seen, [c for c in range(10) if c not in seen]
+
+
+@dataclass
+class Pool:
+    """Every image a stream of one attack can hold, each scored once: the clean stream in stream order
+    (rows 0 .. n_stream-1), then the triggered versions of every image some stream draws."""
+
+    images: np.ndarray  # (M, 32, 32, 3) uint8
+    keys: list[str]
+    labels: np.ndarray  # (M,) source class
+    triggered: np.ndarray  # (M,) bool
+    triggered_row: np.ndarray  # (n_stream,) the row of each clean image's triggered version, -1 if none
+    draws: dict[str, np.ndarray]  # stream kind -> stream positions in draw order (at share s the first n)
+
+    @property
+    def n_stream(self) -> int:
+        return len(self.triggered_row)
 
 
 @dataclass
 class Stream:
-    pixels: torch.Tensor  # (N, 3, 32, 32) clean then triggered
-    keys: list[str]
-    triggered: np.ndarray  # (N,) bool
-    labels: np.ndarray  # true class of each image
-    reference: torch.Tensor  # clean reference pixels
-    reference_keys: list[str]
-
-    def subset(self, rows: np.ndarray) -> Stream:
-        """The same stream with only ``rows`` (the reference unchanged)."""
-        return replace(self, pixels=self.pixels[rows], keys=[self.keys[i] for i in rows],
-                       triggered=self.triggered[rows], labels=self.labels[rows])
+    kind: str  # "all" (non-target sources) or "class-disjoint" (sources the class-disjoint decoder never saw)
+    share: float
+    rows: np.ndarray  # (n_stream,) pool rows in stream order
+    triggered: np.ndarray
+    labels: np.ndarray
 
 
-def make_stream(trigger, target: int, config: BenchConfig) -> Stream:
-    """Clean test images, triggered non-target test images, and a disjoint clean reference set."""
-    x, y = fashion_mnist("test")
-    order = np.random.default_rng(config.seed).permutation(len(x))
-    reference, rest = order[:config.n_reference], order[config.n_reference:]
-    clean = rest[:config.n_clean]
-    spare = rest[config.n_clean:]
-    sources = np.concatenate([spare[y[spare] == c][:config.n_triggered_per_class]
-                              for c in range(10) if c != target])
-    images = np.concatenate([x[clean], trigger.apply(x[sources])])
-    triggered = np.r_[np.zeros(len(clean), bool), np.ones(len(sources), bool)]
-    keys = [f"test-{i:05d}{'-t' if t else ''}" for i, t in zip(np.r_[clean, sources], triggered, strict=True)]
-    return Stream(to_float(images), keys, triggered, np.r_[y[clean], y[sources]], to_float(x[reference]),
-                  [f"ref-{i:05d}" for i in reference])
+def make_pool(images: np.ndarray, labels: np.ndarray, trigger, target: int, kinds: tuple[str, ...],
+              max_share: float, n_stream: int, seed: int) -> Pool:
+    """The stream (``n_stream`` of ``images`` in a seeded order) and, per kind, a seeded draw order of the
+    images that may be triggered; triggered versions are made for the first ``max_share`` of each draw."""
+    order = np.random.default_rng(seed).permutation(len(images))[:n_stream]
+    clean, clean_labels = images[order], labels[order]
+    draw = np.random.default_rng(seed + 1).permutation(n_stream)
+    unseen = disjoint_classes(target)[1]
+    eligible = {"all": clean_labels[draw] != target, "class-disjoint": np.isin(clean_labels[draw], unseen)}
+    draws = {kind: draw[eligible[kind]] for kind in kinds}
+    n_max = round(max_share * n_stream)
+    if any(len(d) < n_max for d in draws.values()):
+        raise ValueError(f"a share of {max_share} needs {n_max} eligible images; the draws hold "
+                         f"{ {kind: len(d) for kind, d in draws.items()} }")
+    drawn = np.unique(np.concatenate([d[:n_max] for d in draws.values()]))
+    triggered_row = np.full(n_stream, -1)
+    triggered_row[drawn] = n_stream + np.arange(len(drawn))
+    keys = [f"test-{i:05d}" for i in order] + [f"test-{i:05d}-t" for i in order[drawn]]
+    return Pool(np.concatenate([clean, trigger.apply(clean[drawn])]), keys,
+                np.r_[clean_labels, clean_labels[drawn]], np.r_[np.zeros(n_stream, bool), np.ones(len(drawn), bool)],
+                triggered_row, draws)
 
 
-def aux_images(mode: str, trigger, target: int, config: BenchConfig) -> np.ndarray:
-    """Auxiliary training images for one mode (never overlapping the probe's or the test images)."""
-    if mode == "ood-photos":
-        return photo_patches(config.n_aux, seed=config.seed)
-    x, y = fashion_mnist("train")
-    pool = np.random.default_rng(config.seed).permutation(PROBE_TRAIN.start)[:config.n_aux]  # pretraining split
-    images, labels = x[pool].copy(), y[pool]
-    if mode == "id-poisoned-1%":
-        poison(images, labels, config.aux_poison_fraction, target, trigger, np.random.default_rng(config.seed + 1))
-    return images
+def make_stream(pool: Pool, kind: str, share: float) -> Stream:
+    """The clean stream with the first round(share * n) images of ``kind``'s draw replaced by their
+    triggered versions, in place (the order, so every window, stays)."""
+    rows = np.arange(pool.n_stream)
+    chosen = pool.draws[kind][:round(share * pool.n_stream)]
+    rows[chosen] = pool.triggered_row[chosen]
+    return Stream(kind, share, rows, pool.triggered[rows], pool.labels[rows])
 
 
-def get_detector(encoder: Encoder, attack: str, mode: str, trigger, target: int, config: BenchConfig, log) -> Detector:
-    dede = replace(DeDeConfig(), epochs=config.epochs, seed=config.seed)
-    made_with = {"attack": attack, "aux": mode, "n_aux": config.n_aux, "poison": config.aux_poison_fraction,
-                 "dede": asdict(dede)}
-    digest = hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:10]
-    path = Path(config.cache_dir) / f"{attack}-{mode}-{digest}.pt"
-    if path.exists():
-        try:
-            return Detector.load(path, encoder.fingerprint)
-        except CheckpointError as err:
-            log(f"retraining: {err}")
-    model, record = train_model(encoder, aux_images(mode, trigger, target, config), dede, log=lambda _: None,
-                                device=config.device)
-    log(f"  trained {mode} detector in {record['train_seconds']}s (loss {record['losses'][-1]})")
-    detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"bench": made_with})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    detector.save(path)
-    return detector
+def stream_kind(aux: str) -> str:
+    return "class-disjoint" if aux == "class-disjoint" else "all"
 
 
-def detection_metrics(scores: np.ndarray, reference: np.ndarray, stream: Stream, config: BenchConfig) -> dict:
-    """Ranking metrics, rates at the 1%-FPR threshold, and ``_removed``: what the filter drops at its
-    ``filter_fpr`` threshold (popped by the caller)."""
-    positive = stream.triggered
-    threshold = for_false_positive_rate(reference, config.target_fpr).value
-    tpr, fpr = rates_at_threshold(scores, positive, threshold)
-    return {"auroc": round(auroc(scores, positive), 4), "auprc": round(auprc(scores, positive), 4),
-            "tpr_at_1fpr": round(tpr_at_fpr(scores, positive, 0.01), 4),
-            "threshold_tpr": round(tpr, 4), "threshold_fpr": round(fpr, 4),
-            "per_class_auroc": auroc_per_source_class(scores, positive, stream.labels, FASHION_MNIST_CLASSES),
-            "_removed": scores > for_false_positive_rate(reference, config.filter_fpr).value}
+def per_window(fn: Callable[..., np.ndarray], *arrays: np.ndarray, size: int) -> np.ndarray:
+    """``fn`` applied to consecutive windows of ``size`` rows of ``arrays``, concatenated."""
+    return np.concatenate([fn(*(a[i:i + size] for a in arrays)) for i in range(0, len(arrays[0]), size)])
 
 
-def with_audit(scores: np.ndarray, reference: np.ndarray, stream: Stream, embeddings: np.ndarray,
-               config: BenchConfig) -> np.ndarray:
-    """What the two-pass workflow removes: the filter's suspects, then `dedefilter audit` and
-    `select --cluster 0` (the largest flagged cluster's collapse region)."""
-    threshold = for_false_positive_rate(reference, config.filter_fpr).value
-    analysis = audit.analyse(audit.Scan.from_arrays(stream.keys, scores, threshold, embeddings))
-    return (scores > threshold) | (analysis.region == 0)
+def knn_sparsity(embeddings: np.ndarray) -> np.ndarray:
+    """Huang et al.'s k-NN sparsity with the window as reference: the library's own parts."""
+    return sparsity(*nearest(embeddings, SPARSITY_K))
 
 
-def downstream(predicted: np.ndarray, stream: Stream, target: int, kept: np.ndarray | None = None) -> dict:
+def baseline_scores(embeddings: np.ndarray, consistency: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """The four baselines over consecutive windows of ``size`` (mask consistency is per sample)."""
+    return {"l2-norm": per_window(lambda e: np.abs(robust_z(methods.l2_norm(e))), embeddings, size=size),
+            "knn-density": per_window(methods.knn_density, embeddings, size=size),
+            "mask-consistency": np.asarray(consistency, np.float64),
+            "knn-sparsity": per_window(knn_sparsity, embeddings, size=size)}
+
+
+def recall_at_budget(scores: np.ndarray, triggered: np.ndarray, budget: float) -> float:
+    """Share of the triggered images among those a ``budget`` fraction cut removes (``upper_quantile``, the
+    library's one fraction rule)."""
+    return float((scores[triggered] > upper_quantile(scores, budget)).mean())
+
+
+def downstream(predicted: np.ndarray, labels: np.ndarray, triggered: np.ndarray, target: int,
+               kept: np.ndarray | None = None) -> dict:
     """CA over clean images and ASR over triggered ones; with ``kept``, a dropped image counts as neither
     correct nor a success (it never reaches the model)."""
     kept = np.ones(len(predicted), bool) if kept is None else kept
-    clean, triggered = ~stream.triggered, stream.triggered
-    correct = (predicted == stream.labels) & kept
+    clean = ~triggered
+    correct = (predicted == labels) & kept
     success = (predicted == target) & kept
     return {"clean_accuracy": round(float(correct[clean].mean()), 4), "asr": round(float(success[triggered].mean()), 4),
             "dropped_triggered": round(float(1 - kept[triggered].mean()), 4),
             "dropped_clean": round(float(1 - kept[clean].mean()), 4)}
 
 
-Pair = tuple[np.ndarray, np.ndarray]  # (stream, reference): scores, embeddings or residuals
+def cell_metrics(scores: np.ndarray, threshold: float, stream: Stream, predicted: np.ndarray, target: int) -> dict:
+    """The row's figures for one method's scores over one stream, its threshold, and the probe's predictions."""
+    positive = stream.triggered
+    before = downstream(predicted, stream.labels, positive, target)
+    after = downstream(predicted, stream.labels, positive, target, kept=~(scores > threshold))
+    return {"auroc": round(auroc(scores, positive), 4), "tpr_at_1fpr": round(tpr_at_fpr(scores, positive, 0.01), 4),
+            "recall_at_2pct": round(recall_at_budget(scores, positive, 0.02), 4),
+            "recall_at_10pct": round(recall_at_budget(scores, positive, 0.10), 4),
+            "asr_after": after["asr"], "ca_after": after["clean_accuracy"],
+            "ca_before": before["clean_accuracy"], "asr_before": before["asr"],
+            "threshold": float(threshold), "dropped_triggered": after["dropped_triggered"],
+            "dropped_clean": after["dropped_clean"], "n_triggered": int(positive.sum())}
 
 
-def stream_level(dede: Pair, consistency: Pair, embeddings: Pair, residuals: Pair) -> dict[str, Pair]:
-    """The variants that depend on the whole scored stream (kNN density, neighbours, the residuals'
-    principal directions), from the per-sample scores: recomputable on any subset of the stream."""
-    stream_embeddings, reference_embeddings = embeddings
-    density = methods.knn_density(stream_embeddings), methods.knn_density(stream_embeddings, reference_embeddings)
-    spectral = methods.residual_spectrum(*residuals)
-    scores = {"dede-spectral": spectral,
-              "dede+density": methods.zscore_sum([dede, density]),
-              "dede+consistency": methods.zscore_sum([dede, consistency]),
-              "dede+density+consistency": methods.zscore_sum([dede, density, consistency])}
-    scores["dede+density+consistency+neighbours"] = methods.with_neighbours(
-        scores["dede+density+consistency"], stream_embeddings, reference_embeddings)
-    scores["dede+density+consistency+neighbours+spectral"] = methods.zscore_sum(
-        [scores["dede+density+consistency+neighbours"],
-         methods.with_neighbours(spectral, stream_embeddings, reference_embeddings)])
-    return scores
+def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[str, np.ndarray] | None,
+                  streams: list[Stream], baselines: dict[tuple[str, float], dict[str, np.ndarray]],
+                  predicted: np.ndarray, target: int, rule: WindowRule, config: BenchConfig) -> list[dict]:
+    """Every (share, method) row of one detector: its pool scores assembled into each stream, the shipped
+    window score over the stream's windows, the baselines' scores of the same stream.
+
+    ``reference``: each method's scores on the clean reference windows (thresholds at ``target_fpr``); None
+    for the self detector, whose thresholds are the ``budget`` cut of the stream's first ``n_reference``
+    scores, as ``calibrate --budget`` sets it on the stream's first shards."""
+    rows = []
+    for stream in streams:
+        r = stream.rows
+        window = score_windows(scored.scores[r], scored.embeddings[r], scored.residuals[r], rule)
+        scores = {"paper": scored.scores[r].astype(np.float64), "shipped": window.score.astype(np.float64),
+                  **baselines[stream.kind, stream.share]}
+        for method in METHODS:
+            s = scores[method]
+            threshold = (for_contamination(s[:config.n_reference], config.budget) if reference is None
+                         else for_false_positive_rate(reference[method], config.target_fpr)).value
+            row = {"attack": attack, "share": stream.share, "aux": aux, "method": method}
+            row |= cell_metrics(s, threshold, stream, predicted[r], target)
+            if method == "shipped":
+                row["collapse_any_window"] = bool(window.collapse)
+            if aux == "self":
+                row["self_trained_at"] = config.self_share
+            rows.append(row)
+    return rows
 
 
-def by_poison_share(dede: Pair, consistency: Pair, embeddings: Pair, residuals: Pair, predicted: np.ndarray,
-                    stream: Stream, target: int, config: BenchConfig) -> dict:
-    """The paper score and BEST on streams with fewer triggered images: all clean images plus a seeded
-    draw of triggered ones making up each of ``POISON_SHARES``. The stream-level parts of BEST need many
-    triggered images to find them; the paper score is per sample."""
-    clean, triggered = np.flatnonzero(~stream.triggered), np.flatnonzero(stream.triggered)
+def digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def aux_images(mode: str, pool: Pool, trigger, target: int, config: BenchConfig) -> tuple[np.ndarray, str]:
+    """Auxiliary training images for one mode, and what they are (never the probe's or the reference's images)."""
     rng = np.random.default_rng(config.seed)
-    out = {}
-    for share in POISON_SHARES:
-        n = round(share * len(clean) / (1 - share))
-        rows = np.r_[clean, np.sort(rng.choice(triggered, n, replace=False))]
-        sub = stream.subset(rows)
-        scores = {"dede": (dede[0][rows], dede[1])} | stream_level(
-            (dede[0][rows], dede[1]), (consistency[0][rows], consistency[1]),
-            (embeddings[0][rows], embeddings[1]), (residuals[0][rows], residuals[1]))
-        row = {"n_triggered": n}
-        for variant in ("dede", BEST):
-            metrics = filter_metrics(scores[variant], sub, predicted[rows], target, config)
-            row[variant] = {key: metrics[key] for key in ("auroc", "tpr_at_1fpr", "downstream_filtered")}
-        out[f"{share:.0%}"] = row
-    return out
+    if mode == "ood-photos":
+        return photo_patches(config.n_aux, seed=config.seed), f"{config.n_aux} photo patches"
+    if mode == "self":
+        stream = make_stream(pool, "all", config.self_share)
+        sample = np.sort(rng.choice(pool.n_stream, config.n_aux, replace=False))
+        rows = stream.rows[sample]
+        return pool.images[rows], (f"{config.n_aux} images of the {config.self_share:.0%}-share stream itself, "
+                                   f"{int(pool.triggered[rows].sum())} triggered")
+    x, y = fashion_mnist("train")
+    candidates = np.arange(PRETRAIN.start, PRETRAIN.stop)
+    if mode == "class-disjoint":
+        seen = disjoint_classes(target)[0]
+        candidates = candidates[np.isin(y[candidates], seen)]
+    chosen = rng.permutation(candidates)[:config.n_aux]
+    images, labels = x[chosen].copy(), y[chosen]
+    if mode == "id-poisoned-1%":
+        n = int(poison(images, labels, config.aux_poison_fraction, target, trigger,
+                       np.random.default_rng(config.seed + 1)).sum())
+        return images, f"{config.n_aux} Fashion-MNIST train[:50000] images, {n} triggered"
+    if mode == "class-disjoint":
+        return images, (f"{config.n_aux} clean Fashion-MNIST train[:50000] images of "
+                        f"{', '.join(FASHION_MNIST_CLASSES[c] for c in seen)} only")
+    return images, f"{config.n_aux} clean Fashion-MNIST train[:50000] images"
 
 
-def filter_metrics(scores: Pair, stream: Stream, predicted: np.ndarray, target: int, config: BenchConfig) -> dict:
-    """:func:`detection_metrics` plus the probe's CA/ASR on what the filter keeps at its threshold."""
-    metrics = detection_metrics(*scores, stream, config)
-    metrics["downstream_filtered"] = downstream(predicted, stream, target, kept=~metrics.pop("_removed"))
-    return metrics
+def get_detector(encoder: Encoder, attack: str, mode: str, images: np.ndarray, config: BenchConfig, log) -> Detector:
+    """The detector trained on ``images`` (the paper's DeDe config, ``config.epochs``), cached by what made it."""
+    dede = replace(DeDeConfig(), epochs=config.epochs, seed=config.seed)
+    made_with = {"attack": attack, "aux": mode, "n_aux": len(images), "aux_sha": digest(images), "dede": asdict(dede)}
+    key = hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(config.cache_dir) / f"{attack}-{mode}-{key}.pt"
+    if path.exists():
+        try:
+            return Detector.load(path, encoder.fingerprint)
+        except CheckpointError as err:
+            log(f"retraining: {err}")
+    model, record = train_model(encoder, images, dede, log=lambda _: None, device=config.device)
+    log(f"  trained the {mode} detector in {record['train_seconds']}s (loss {record['losses'][-1]})")
+    detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"bench": made_with},
+                        encoder_input=encoder.input)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    detector.save(path)
+    return detector
+
+
+def consistency_of(encoder: Encoder, images: np.ndarray, device: str, seed: int, chunk: int = 2000) -> np.ndarray:
+    """Masking consistency in chunks (its masks for a whole pool would not fit comfortably in memory)."""
+    return np.concatenate([methods.masking_consistency(encoder, to_float(images[i:i + chunk]), device, seed + i)
+                           for i in range(0, len(images), chunk)])
 
 
 def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
@@ -243,75 +320,59 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
     encoder.module.to(config.device)
     spec = ATTACKS[name]
     trigger, target = spec.trigger, spec.target_class
+    seen, unseen = disjoint_classes(target)
     described = {"summary": spec.summary, "target": FASHION_MNIST_CLASSES[target], "trigger": trigger.describe(),
-                 "probe": card.get("probe"), "spread": card.get("spread")}
+                 "probe": card.get("probe"), "spread": card.get("spread"), "heldout": name == HELDOUT,
+                 "class_disjoint": {"seen": [FASHION_MNIST_CLASSES[c] for c in seen],
+                                    "triggered_sources": [FASHION_MNIST_CLASSES[c] for c in unseen]}}
     if card["probe"]["asr"] < MIN_ASR:
         log(f"{name}: ASR {card['probe']['asr']:.3f} < {MIN_ASR}: the attack failed, not evaluated")
-        encoder.module.cpu()
-        return described | {"results": None, "seconds": round(time.perf_counter() - start, 1)}
-    stream = make_stream(trigger, target, config)
-    device = config.device
-    log(f"{name}: {len(stream.keys)} stream images ({int(stream.triggered.sum())} triggered), target "
-        f"{FASHION_MNIST_CLASSES[target]}")
+        return described | {"rows": None, "seconds": round(time.perf_counter() - start, 1)}
+    device, rule = config.device, WindowRule()
+    kinds = tuple(dict.fromkeys(stream_kind(mode) for mode in config.aux_modes))
+    test_x, test_y = fashion_mnist("test")
+    pool = make_pool(test_x, test_y, trigger, target, kinds, max(config.shares), config.n_stream, config.seed)
+    streams = {kind: [make_stream(pool, kind, share) for share in config.shares] for kind in kinds}
+    log(f"{name}: target {FASHION_MNIST_CLASSES[target]}; {len(pool.keys)} images to score per detector "
+        f"({int(pool.triggered.sum())} triggered versions)")
 
-    embeddings = methods.embed(encoder, stream.pixels, device)
-    reference_embeddings = methods.embed(encoder, stream.reference, device)
-    norm_ref = methods.l2_norm(reference_embeddings)
-
-    def two_sided(values: np.ndarray) -> np.ndarray:
-        return np.abs(values - np.median(norm_ref)) / (np.std(norm_ref) + 1e-12)
-
-    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        "l2-norm": (two_sided(methods.l2_norm(embeddings)), two_sided(norm_ref)),
-        "knn-density": (methods.knn_density(embeddings), methods.knn_density(embeddings, reference_embeddings)),
-        "mask-consistency": (methods.masking_consistency(encoder, stream.pixels, device, config.seed),
-                             methods.masking_consistency(encoder, stream.reference, device, config.seed + 1)),
-    }
-    results = {"baselines": {m: detection_metrics(*scores[m], stream, config) for m in BASELINES}}
-
-    x_train, y_train = fashion_mnist("train")
-    probe_rows = np.arange(PROBE_TRAIN.start, PROBE_TRAIN.start + config.n_probe_train)
-    predict = train_linear_probe(torch.from_numpy(methods.embed(encoder, to_float(x_train[probe_rows]), device)),
-                                 torch.as_tensor(y_train[probe_rows]), seed=config.seed)
+    train_x, train_y = fashion_mnist("train")
+    reference = train_x[REFERENCE][:config.n_reference]
+    embeddings = embed_array(encoder, pool.images, device=device).cpu().numpy()
+    reference_embeddings = embed_array(encoder, reference, device=device).cpu().numpy()
+    consistency = consistency_of(encoder, pool.images, device, config.seed)
+    reference_consistency = consistency_of(encoder, reference, device, config.seed + 10_000)
+    baselines = {(s.kind, s.share): baseline_scores(embeddings[s.rows], consistency[s.rows], rule.size)
+                 for kind in kinds for s in streams[kind]}
+    reference_baselines = baseline_scores(reference_embeddings, reference_consistency, rule.size)
+    probe_rows = slice(PROBE_TRAIN.start, PROBE_TRAIN.start + config.n_probe_train)
+    predict = train_linear_probe(embed_array(encoder, train_x[probe_rows], device=device).cpu(),
+                                 torch.as_tensor(train_y[probe_rows]), seed=config.seed)
     predicted = predict(torch.from_numpy(embeddings)).numpy()
-    results["downstream_unfiltered"] = downstream(predicted, stream, target)
+    log(f"  baselines and probe done ({time.perf_counter() - start:.0f}s)")
 
-    for mode in AUX_MODES:
-        detector = get_detector(encoder, name, mode, trigger, target, config, log)
-        variants = methods.DeDeVariants(detector, encoder, device)
-        own = {
-            "dede": (variants.paper(stream.pixels, stream.keys), variants.paper(stream.reference, stream.reference_keys)),
-            "dede-mean8": (variants.mean_over_masks(stream.pixels, stream.keys),
-                           variants.mean_over_masks(stream.reference, stream.reference_keys)),
-            "dede-embedding": (variants.embedding_consistency(stream.pixels),
-                               variants.embedding_consistency(stream.reference)),
-            "dede-differential": (variants.differential(stream.pixels), variants.differential(stream.reference)),
-        }
-        residuals = variants.residuals(stream.pixels), variants.residuals(stream.reference)
-        own |= stream_level(own["dede"], scores["mask-consistency"], (embeddings, reference_embeddings), residuals)
-        mode_results = {}
-        for variant in VARIANTS:
-            mode_results[variant] = filter_metrics(own[variant], stream, predicted, target, config)
-        removed = with_audit(*own["dede"], stream, embeddings, config)
-        mode_results["dede"]["downstream_with_audit"] = downstream(predicted, stream, target, kept=~removed)
-        if mode == "id-poisoned-1%":
-            mode_results["by_poison_share"] = by_poison_share(
-                own["dede"], scores["mask-consistency"], (embeddings, reference_embeddings), residuals,
-                predicted, stream, target, config)
-        results[mode] = mode_results
+    rows, aux_described, mode_seconds = [], {}, {}
+    for mode in config.aux_modes:
+        mode_start = time.perf_counter()
+        images, aux_described[mode] = aux_images(mode, pool, trigger, target, config)
+        detector = get_detector(encoder, name, mode, images, config, log)
+        scorer = Scorer(encoder, detector, device)
+        scored = scorer.score_all(pool.images, pool.keys, residuals=True)
+        reference_scores = None
+        if mode != "self":  # exactly as `dedefilter calibrate --reference ... --window 1000` (and --window 0)
+            keys = [f"reference-{i}" for i in range(len(reference))]
+            reference_scores = {"shipped": filter_scores(scorer, reference, keys, rule),
+                                "paper": filter_scores(scorer, reference, keys, None)} | reference_baselines
+        rows += detector_rows(name, mode, scored, reference_scores, streams[stream_kind(mode)], baselines, predicted,
+                              target, rule, config)
         detector.model.cpu()
-    for metrics in results["baselines"].values():
-        metrics.pop("_removed")
+        mode_seconds[mode] = round(time.perf_counter() - mode_start, 1)
+        shipped = {r["share"]: r["auroc"] for r in rows if r["aux"] == mode and r["method"] == "shipped"}
+        paper = {r["share"]: r["auroc"] for r in rows if r["aux"] == mode and r["method"] == "paper"}
+        log(f"  {mode} ({mode_seconds[mode]:.0f}s) AUROC shipped {shipped} paper {paper}")
     encoder.module.cpu()
-    return described | {"results": results, "seconds": round(time.perf_counter() - start, 1)}
-
-
-def evaluate_and_save(name: str, config: BenchConfig, parts: Path) -> None:
-    """Evaluate one attack and save its results at once, so a run cut short keeps what it finished."""
-    result = evaluate_attack(name, config, print) | {"device_name": device_name(config.device),
-                                                      "torch": torch.__version__,
-                                                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (parts / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return described | {"aux": aux_described, "mode_seconds": mode_seconds, "rows": rows,
+                        "seconds": round(time.perf_counter() - start, 1)}
 
 
 def device_name(device: str) -> str:
@@ -319,106 +380,126 @@ def device_name(device: str) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def _best_baseline(results: dict) -> tuple[str, float]:
-    name = max(BASELINES, key=lambda m: results["baselines"][m]["auroc"])
-    return name, results["baselines"][name]["auroc"]
+def result_settings(config: BenchConfig) -> dict:
+    settings = asdict(config)
+    return {key: settings[key] for key in RESULT_FIELDS}
+
+
+def run_attack(name: str, config: BenchConfig, parts: Path, log=print) -> None:
+    """Evaluate one attack and save it as a part at once, so a run cut short keeps what it finished."""
+    result = evaluate_attack(name, config, log) | {
+        "settings": result_settings(config), "device_name": device_name(config.device), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    partial = parts / f"{name}.json.partial"
+    partial.write_text(json.dumps(result, indent=1))
+    partial.replace(parts / f"{name}.json")
+
+
+def saved_part(parts: Path, name: str, config: BenchConfig) -> dict | None:
+    """The attack's saved part if it was made with these settings."""
+    path = parts / f"{name}.json"
+    if not path.exists():
+        return None
+    part = json.loads(path.read_text())
+    return part if part.get("settings") == json.loads(json.dumps(result_settings(config))) else None
+
+
+def pct(share: float) -> str:
+    return f"{share * 100:g}%"
 
 
 def markdown(report: dict) -> str:
-    meta = report["meta"]
-    evaluated = {name: a for name, a in report["attacks"].items() if a["results"] is not None}
-    failed = {name: a for name, a in report["attacks"].items() if a["results"] is None}
+    meta, sweep = report["meta"], report["sweep"]
+    config = meta["config"]
+    attacks = [name for name, a in report["attacks"].items() if a["rows"] is not None]
+    shares = config["shares"]
+    index = {(r["attack"], r["aux"], r["share"], r["method"]): r for r in sweep}
     lines = [
-        "# Detection benchmark", "",
-        f"`{meta['command']}` on {meta['device_name']} ({meta['date']}, torch {meta['torch']}; "
-        f"seconds per attack: {', '.join(f'{s:.0f}' for s in meta['attack_seconds'].values())}). "
-        "Fashion-MNIST (28x28 zero-padded to 32x32, gray repeated to RGB); "
-        f"stream per attack: {meta['config']['n_clean']} clean test images + "
-        f"{meta['config']['n_triggered_per_class']} triggered test images per non-target class; "
-        f"{meta['config']['n_reference']} clean reference images (thresholds at "
-        f"{meta['config']['target_fpr']:.0%} FPR, z-scores); DeDe at the paper's size, "
-        f"{meta['config']['epochs']} epochs on {meta['config']['n_aux']} auxiliary images; "
-        f"seed {meta['config']['seed']}.",
-        "", "## AUROC (TPR at 1% FPR)", "",
-        "| attack | target | probe ASR / CA | " + " | ".join(BASELINES) + " | "
-        + " | ".join(f"{v} {m}" for m in ("id-poisoned-1%",) for v in VARIANTS) + " |",
-        "|" + "---|" * (3 + len(BASELINES) + len(VARIANTS)),
-    ]
+        "# Detection sweep", "",
+        f"`{meta['command']}` on {meta['device_name']} ({meta['date']}, torch {meta['torch']}; seconds per attack: "
+        + ", ".join(f"{n} {s:.0f}" for n, s in meta["attack_seconds"].items()) + "). "
+        f"Streams of {config['n_stream']} Fashion-MNIST test images (shuffled, windows of {WindowRule().size}); at each "
+        "share a nested seeded draw of non-target images is triggered in place. DeDe at the paper's size, "
+        f"{config['epochs']} epochs on {config['n_aux']} auxiliary images. Thresholds: {config['target_fpr']:.0%} FPR on "
+        f"{config['n_reference']} clean reference images; self: a {config['budget']:.0%} budget on the stream's first "
+        f"{config['n_reference']}. shipped = `WindowRule()` over the stream's windows, as `dedefilter filter` runs it; "
+        "paper = the paper score alone.", "",
+        f"Attacks in this file: {', '.join(attacks) or 'none'}"
+        + (f"; not yet run: {', '.join(meta['missing'])}" if meta["missing"] else "") + ".", ""]
 
-    def cell(metrics: dict) -> str:
-        return f"{metrics['auroc']:.3f} ({metrics['tpr_at_1fpr']:.2f})"
+    def table(title: str, fields: tuple[str, ...], methods_: tuple[str, ...] = ("shipped", "paper")) -> None:
+        lines.extend([f"## {title}", "", "| attack | aux | " + " | ".join(pct(s) for s in shares) + " |",
+                      "|---|---|" + "---|" * len(shares)])
+        for name in attacks:
+            for aux in config["aux_modes"]:
+                cells = []
+                for share in shares:
+                    found = [index.get((name, aux, share, m)) for m in methods_]
+                    cells.append(" / ".join(f"{r[f]:.3f}" if r else "-" for r in found for f in fields))
+                lines.append(f"| {name}{' (held out)' if report['attacks'][name]['heldout'] else ''} | {aux} | "
+                             + " | ".join(cells) + " |")
+        lines.append("")
 
-    for name, attack in evaluated.items():
-        r = attack["results"]
-        probe = attack["probe"] or {}
-        lines.append(f"| {name} | {attack['target']} | {probe.get('asr', float('nan')):.3f} / "
-                     f"{probe.get('clean_accuracy', float('nan')):.3f} | "
-                     + " | ".join(cell(r["baselines"][m]) for m in BASELINES) + " | "
-                     + " | ".join(cell(r["id-poisoned-1%"][v]) for v in VARIANTS) + " |")
-    lines += ["", "## DeDe by auxiliary data (AUROC of the paper score / of " + BEST + ")", "",
-              "| attack | " + " | ".join(AUX_MODES) + " | best baseline |", "|" + "---|" * (2 + len(AUX_MODES))]
-    for name, attack in evaluated.items():
-        r = attack["results"]
-        base, value = _best_baseline(r)
-        lines.append(f"| {name} | " + " | ".join(f"{r[m]['dede']['auroc']:.3f} / {r[m][BEST]['auroc']:.3f}"
-                                                 for m in AUX_MODES) + f" | {base} {value:.3f} |")
-    filter_fpr = meta["config"].get("filter_fpr", meta["config"]["target_fpr"])
-    lines += ["", "## Downstream: linear probe on the attacked encoder, before / after filtering (1%-poisoned aux)", "",
-              (f"The filter: {BEST} above its threshold at {filter_fpr:.0%} FPR on the clean reference. Two-pass: "
-               "the paper score's suspects at the same FPR, then `dedefilter audit` and `select --cluster 0` "
-               "(the largest flagged cluster's collapse region) on the stream's embeddings."), "",
-              ("| attack | CA before | ASR before | filter: CA / ASR after | dropped triggered / clean | "
-               "two-pass: CA / ASR after | dropped triggered / clean |"), "|---|---|---|---|---|---|---|"]
-
-    def after(d: dict) -> str:
-        return f"{d['clean_accuracy']:.3f} / {d['asr']:.3f} | {d['dropped_triggered']:.3f} / {d['dropped_clean']:.3f}"
-
-    for name, attack in evaluated.items():
-        r = attack["results"]
-        before = r["downstream_unfiltered"]
-        two_pass = r["id-poisoned-1%"]["dede"].get("downstream_with_audit")
-        lines.append(f"| {name} | {before['clean_accuracy']:.3f} | {before['asr']:.3f} | "
-                     f"{after(r['id-poisoned-1%'][BEST]['downstream_filtered'])} | "
-                     f"{after(two_pass) if two_pass else '- | -'} |")
-    lines += ["", f"## Fewer triggered images in the stream (1%-poisoned aux; the filter at {filter_fpr:.0%} FPR)", "",
-              ("The stream-level parts of the best variant (kNN density, neighbours, the residuals' principal "
-               "directions) find an attack by its many triggered images; the paper score is per sample."), "",
-              "| attack | triggered share | paper score: AUROC / ASR after | best: AUROC / ASR after / CA after |",
-              "|---|---|---|---|"]
-    for name, attack in evaluated.items():
-        r = attack["results"]
-        shares = r["id-poisoned-1%"].get("by_poison_share", {})
-        full = {"dede": r["id-poisoned-1%"]["dede"], BEST: r["id-poisoned-1%"][BEST]}
-        for share, row in [*shares.items(), ("full stream", full)]:
-            paper, best = row["dede"], row[BEST]
-            label = f"{share} ({row['n_triggered']} images)" if "n_triggered" in row else share
-            lines.append(f"| {name} | {label} | {paper['auroc']:.3f} / {paper['downstream_filtered']['asr']:.3f} | "
-                         f"{best['auroc']:.3f} / {best['downstream_filtered']['asr']:.3f} / "
-                         f"{best['downstream_filtered']['clean_accuracy']:.3f} |")
-    lines += ["", "## AUROC per source class (1%-poisoned aux): paper score / " + BEST, ""]
-    for name, attack in evaluated.items():
-        r = attack["results"]["id-poisoned-1%"]
-        classes = list(r["dede"]["per_class_auroc"])
-        lines += [f"**{name}** (target {attack['target']}): " + ", ".join(
-            f"{c} {r['dede']['per_class_auroc'][c]:.2f}/{r[BEST]['per_class_auroc'][c]:.2f}" for c in classes), ""]
+    table("AUROC: shipped / paper", ("auroc",))
+    table("TPR at 1% FPR: shipped / paper", ("tpr_at_1fpr",))
+    table("Recall at a 10% removal budget: shipped / paper", ("recall_at_10pct",))
+    table("ASR after filtering at the threshold: shipped / paper (ASR before: see the JSON)", ("asr_after",))
+    lines += ["## Baselines on the same windows: AUROC (streams of all non-target sources; aux-independent)", "",
+              "| attack | method | " + " | ".join(pct(s) for s in shares) + " |", "|---|---|" + "---|" * len(shares)]
+    for name in attacks:
+        aux = next((a for a in config["aux_modes"] if stream_kind(a) == "all"), None)
+        for method in ("shipped", "paper", *BASELINES):
+            label = f"{method} ({aux})" if method in ("shipped", "paper") else method
+            cells = [f"{index[name, aux, s, method]['auroc']:.3f}" if (name, aux, s, method) in index else "-"
+                     for s in shares]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    worse = [(k, index[k]["auroc"], index[(*k[:3], "paper")]["auroc"]) for k in index
+             if k[3] == "shipped" and index[k]["auroc"] < index[(*k[:3], "paper")]["auroc"] - 0.005]
+    lines += ["", "## Cells where shipped < paper - 0.005 AUROC", ""]
+    lines += [f"- {a} / {aux} / {pct(s)}: shipped {x:.3f}, paper {p:.3f}" for (a, aux, s, _), x, p in worse] or ["- none"]
+    failed = [name for name, a in report["attacks"].items() if a["rows"] is None]
     if failed:
-        lines += [f"## Attacks that failed (linear-probe ASR < {MIN_ASR:.0%}: not a test of any detector)", ""]
-        lines += [f"- {name}: ASR {a['probe']['asr']:.3f}, clean accuracy {a['probe']['clean_accuracy']:.3f} "
-                  f"({a['summary']})" for name, a in failed.items()]
+        lines += ["", f"Attacks that failed (probe ASR < {MIN_ASR:.0%}): " + ", ".join(failed)]
     return "\n".join(lines) + "\n"
+
+
+def assemble(config: BenchConfig, parts: Path, command: str, seconds: float) -> dict:
+    """The report from every saved part (the sweep's attacks, then the held-out one if it ran)."""
+    attacks = {}
+    for name in (*config.attacks, HELDOUT):
+        part = saved_part(parts, name, config)
+        if part is not None:
+            attacks[name] = part
+    missing = [name for name in config.attacks if name not in attacks]
+    sweep = [row | {"heldout": True} if name == HELDOUT else row
+             for name, a in attacks.items() for row in a["rows"] or []]
+    report = {"meta": {"command": command, "config": asdict(config), "attacks_in_sweep": list(attacks),
+                       "missing": missing, "heldout": HELDOUT,
+                       "date": ", ".join(sorted({a["date"] for a in attacks.values()})),
+                       "torch": ", ".join(sorted({a["torch"] for a in attacks.values()})),
+                       "device_name": ", ".join(sorted({a["device_name"] for a in attacks.values()})),
+                       "seconds": round(seconds, 1),
+                       "attack_seconds": {name: a["seconds"] for name, a in attacks.items()}},
+              "sweep": sweep, "attacks": {name: {k: v for k, v in a.items() if k != "rows"} | {"rows": len(a["rows"])
+                                                                                             if a["rows"] else None}
+                                          for name, a in attacks.items()}}
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in minutes")
+    parser.add_argument("--quick", action="store_true", help="2 attacks, 2 aux modes, small detectors: minutes")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--attacks", nargs="+", choices=sorted(ATTACKS))
+    parser.add_argument("--attacks", nargs="+", choices=[a for a in sorted(ATTACKS) if a != HELDOUT])
+    parser.add_argument("--heldout", action="store_true",
+                        help=f"run only the held-out attack {HELDOUT} (once, after every choice is frozen)")
     parser.add_argument("--results", help="output path without extension")
-    parser.add_argument("--assemble", action="store_true",
-                        help="only write the report from the per-attack results an earlier run saved")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="attacks evaluated in parallel processes (a GPU is mostly idle with one)")
+    parser.add_argument("--assemble", action="store_true", help="only write the report from the saved parts")
+    parser.add_argument("--fresh", action="store_true", help="delete the saved parts first (else finished attacks "
+                                                             "made with the same settings are kept)")
     args = parser.parse_args(argv)
+    if args.heldout and args.attacks:
+        parser.error("--heldout runs the held-out attack alone")
     config = BenchConfig(device=args.device)
     if args.quick:
         config = replace(config, **QUICK)
@@ -429,31 +510,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     parts = Path(f"{config.results}-parts")
-    if not args.assemble:
+    if args.fresh:
         shutil.rmtree(parts, ignore_errors=True)
-        parts.mkdir(parents=True)
-        evaluate = functools.partial(evaluate_and_save, config=config, parts=parts)
-        if args.jobs > 1:
-            context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-            with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads,
-                                     initargs=(max(1, (os.cpu_count() or 1) // args.jobs),)) as pool:
-                list(pool.map(evaluate, config.attacks))
-        else:
-            for name in config.attacks:
-                evaluate(name)
-    attacks = {name: json.loads((parts / f"{name}.json").read_text())
-               for name in config.attacks if (parts / f"{name}.json").exists()}
+    parts.mkdir(parents=True, exist_ok=True)
+    if not args.assemble:
+        for name in (HELDOUT,) if args.heldout else config.attacks:
+            if saved_part(parts, name, config) is not None:
+                print(f"{name}: kept the saved part", flush=True)
+                continue
+            run_attack(name, config, parts, log=lambda message: print(message, flush=True))
     command = "python -m benchmarks.detection" + (" --quick" if args.quick else "")
-    if args.assemble:
-        command += " --assemble (from the per-attack results of earlier runs: see each attack's device and date)"
-    report = {"meta": {"command": command,
-                       "config": asdict(config),
-                       "date": ", ".join(sorted({a["date"] for a in attacks.values()})),
-                       "torch": ", ".join(sorted({a["torch"] for a in attacks.values()})),
-                       "device_name": ", ".join(sorted({a["device_name"] for a in attacks.values()})),
-                       "seconds": round(time.perf_counter() - start, 1),
-                       "attack_seconds": {name: attack["seconds"] for name, attack in attacks.items()}},
-              "attacks": attacks}
+    report = assemble(config, parts, command, time.perf_counter() - start)
     path = Path(config.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
