@@ -61,7 +61,7 @@ from dedefilter.metrics import auroc, tpr_at_fpr
 from dedefilter.probe import train_linear_probe
 from dedefilter.scoring import ScoredBatch, Scorer
 from dedefilter.training import train_model
-from dedefilter.window import WindowRule, filter_scores, nearest, robust_z, score_windows, sparsity
+from dedefilter.window import WindowRule, calibrate, calibrate_scored, nearest, robust_z, score_windows, sparsity
 
 from . import detection_methods as methods
 
@@ -233,23 +233,35 @@ def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[st
     """Every (share, method) row of one detector: its pool scores assembled into each stream, the shipped
     window score over the stream's windows, the baselines' scores of the same stream.
 
-    ``reference``: each method's scores on the clean reference windows (thresholds at ``target_fpr``); None
-    for the self detector, whose thresholds are the ``budget`` cut of the stream's first ``n_reference``
-    scores, as ``calibrate --budget`` sets it on the stream's first shards."""
+    ``reference``: the baselines' scores on the clean reference windows and, for "shipped" and "paper",
+    ``calibrate``'s (threshold, rule) on them (at ``target_fpr``); None for the self detector, whose
+    thresholds are the ``budget`` cut of the stream's first ``n_reference`` samples, as ``calibrate
+    --budget`` sets it on the stream's first shards."""
     rows = []
     for stream in streams:
         r = stream.rows
-        window = score_windows(scored.scores[r], scored.embeddings[r], scored.residuals[r], rule)
+        if reference is None:
+            head = ScoredBatch(*(a[r[:config.n_reference]] for a in (scored.scores, scored.embeddings, scored.residuals)))
+            calibrated = {"shipped": calibrate_scored(head, rule, fraction=config.budget),
+                          "paper": calibrate_scored(head, None, fraction=config.budget)}
+        else:
+            calibrated = {method: reference[method] for method in ("shipped", "paper")}
+        tuned = calibrated["shipped"][1]  # the rule with the collapse shift calibration set
+        window = score_windows(scored.scores[r], scored.embeddings[r], scored.residuals[r], tuned)
         scores = {"paper": scored.scores[r].astype(np.float64), "shipped": window.score.astype(np.float64),
                   **baselines[stream.kind, stream.share]}
         for method in METHODS:
             s = scores[method]
-            threshold = (for_contamination(s[:config.n_reference], config.budget) if reference is None
-                         else for_false_positive_rate(reference[method], config.target_fpr)).value
+            if method in calibrated:
+                threshold = calibrated[method][0].value
+            else:
+                threshold = (for_contamination(s[:config.n_reference], config.budget) if reference is None
+                             else for_false_positive_rate(reference[method], config.target_fpr)).value
             row = {"attack": attack, "share": stream.share, "aux": aux, "method": method}
             row |= cell_metrics(s, threshold, stream, predicted[r], target)
             if method == "shipped":
-                row["collapse_any_window"] = bool(window.collapse)
+                row["collapsed_windows"] = int(window.collapse.reshape(-1)[::rule.size].sum())
+                row["collapse_shift"] = tuned.collapse_shift
             if aux == "self":
                 row["self_trained_at"] = config.self_share
             rows.append(row)
@@ -360,9 +372,9 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
         scored = scorer.score_all(pool.images, pool.keys, residuals=True)
         reference_scores = None
         if mode != "self":  # exactly as `dedefilter calibrate --reference ... --window 1000` (and --window 0)
-            keys = [f"reference-{i}" for i in range(len(reference))]
-            reference_scores = {"shipped": filter_scores(scorer, reference, keys, rule),
-                                "paper": filter_scores(scorer, reference, keys, None)} | reference_baselines
+            reference_scores = {"shipped": calibrate(scorer, reference, rule, fpr=config.target_fpr),
+                                "paper": calibrate(scorer, reference, None, fpr=config.target_fpr)}
+            reference_scores |= reference_baselines
         rows += detector_rows(name, mode, scored, reference_scores, streams[stream_kind(mode)], baselines, predicted,
                               target, rule, config)
         detector.model.cpu()

@@ -1,22 +1,22 @@
 """Window-level scoring: each sample judged against the other samples of its window of the stream.
 
-The paper score (reconstruction error) looks at one sample. A backdoor leaves traces that only a set of
-samples shows, and which one shows depends on how many triggered images a window holds:
+The paper score (reconstruction error) looks at one sample. When a window holds many triggered images,
+a backdoor leaves traces only a set of samples shows: the encoder maps them near one target embedding
+(a *collapse*), so a triggered image's neighbours are triggered too and their mean error z-score
+(neighbour pooling) is high; and the decoder never draws a trigger (the embedding describes the target,
+not the patch), so every triggered image leaves the same pattern in its reconstruction residual, a top
+principal direction of the window's residuals in which they stand out together (spectral signatures,
+Tran et al. 2018).
 
-- few: a triggered image is *sparse relative to its neighbours* (simplified LOF, the observation of
-  Huang et al., ICLR 2025): the encoder put it near the target's images, far from the crowd of any
-  real class, so its k-th neighbour is far although its neighbours sit in dense regions;
-- many: they *collapse*. The decoder never draws a trigger (the embedding describes the target, not
-  the patch), so every triggered image leaves the same pattern in its reconstruction residual: a top
-  principal direction of the window's residuals in which they stand out together (spectral
-  signatures, Tran et al. 2018), while their neighbours in embedding space are each other, so their
-  neighbours' mean error z-score (neighbour pooling) is high too. Sparsity no longer helps there (a
-  dense group is not sparse), and with few triggered images those two parts only add noise.
+The collapse test counts the samples that stand out in the residual spectrum. When enough do, the
+window is scored by neighbour pooling plus the spectrum; otherwise by the paper score's z alone, since
+with few triggered images those parts only add noise. Neighbourhood sparsity (simplified LOF, Huang et
+al., ICLR 2025: a lone triggered image sits far from the crowd its neighbours belong to) is computed
+and recorded too, but does not decide: added to the paper score it helped a weak detector and hurt a
+strong one (docs/BENCHMARKS.md). The two scores have tails of different weight, so :func:`calibrate`
+shifts the collapsed one to meet the quiet one at the cut's quantile of the reference windows: one
+threshold serves both.
 
-The collapse test counts the samples that stand out in the residual spectrum; when enough do, the
-window is scored by neighbour pooling plus the spectrum, otherwise by the paper score plus sparsity.
-The two scores have tails of different weight, so :func:`calibrate` also shifts the collapsed one to
-meet the quiet one at the cut's quantile of the reference windows: one threshold serves both.
 Each part is a robust z-score within the window (median and IQR, so a poisoned minority cannot drag
 it). A window is a deterministic slice of the input (the stage cuts ``size`` consecutive samples of one
 shard), so a sample's score depends on its window, never on the worker, batch or order; memory is
@@ -27,15 +27,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import cache
 from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
+from threadpoolctl import ThreadpoolController
 
 from .calibration import Threshold, for_contamination, for_false_positive_rate, upper_quantile
 
 if TYPE_CHECKING:
-    from .scoring import Scorer
+    from .scoring import ScoredBatch, Scorer
 
 PARTS = ("paper_score", "paper_z", "sparsity_z", "pooled_z", "spectrum_z")
 BLOCK = 1024  # rows of the similarity matrix held at once
@@ -49,7 +51,7 @@ class WindowRule:
     attack was held out until they were frozen)."""
 
     size: int = 1000  # samples per window (the memory bound); a shard's tail may be shorter
-    k: int = 16  # neighbours for sparsity and pooling (Huang et al. use 16)
+    k: int = 16  # neighbours for pooling and sparsity (Huang et al. use 16)
     directions: int = 3  # top principal directions of the residuals searched for a shared pattern
     outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
     collapse_count: int = 8  # this many outstanding samples make a collapse
@@ -136,14 +138,29 @@ def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:
     return (projection / np.maximum(spread, 1e-300)).max(1)
 
 
+def collapse_test(outstanding: np.ndarray, ids: np.ndarray, count: int) -> bool:
+    """A collapse: at least ``count`` samples stand out in the residual spectrum *and* have most of their
+    embedding neighbours standing out too. Triggered images do both (one trigger pattern, one target
+    embedding); a few clean images with odd residuals (textures, a rare shape) are not each other's
+    neighbours, and scoring their window as collapsed would bury a lone triggered image."""
+    grouped = outstanding & (outstanding[ids].mean(1) >= 0.5)
+    return int(grouped.sum()) >= count
+
+
 def quiet_score(parts: dict[str, np.ndarray]) -> np.ndarray:
-    """The score of a window without a collapse: few triggered images, each sparse among its neighbours."""
-    return parts["paper_z"] + parts["sparsity_z"]
+    """The score of a window without a collapse: the paper score's z."""
+    return parts["paper_z"]
 
 
 def collapsed_score(parts: dict[str, np.ndarray]) -> np.ndarray:
     """The score of a collapsed window (before the calibrated shift): many triggered images together."""
     return parts["pooled_z"] + parts["spectrum_z"]
+
+
+@cache
+def blas() -> ThreadpoolController:
+    """numpy's and scipy's BLAS/LAPACK thread pools, found once per process."""
+    return ThreadpoolController()
 
 
 def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray,
@@ -170,11 +187,14 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
         nothing = np.full(n, np.nan)
         parts |= {"sparsity_z": nothing, "pooled_z": nothing, "spectrum_z": nothing}
         return WindowScores(paper_z.astype(np.float32), as_float32(parts), np.zeros(n, bool))
-    distances, ids = nearest(embeddings, rule.k)
-    outstanding = spectrum(residuals, rule.directions)
+    # one BLAS thread: the window's linear algebra is small, and a BLAS pool of its own per DataLoader worker
+    # spins on the cores the other workers' encoders need (the filter ran 1.5x slower with 2 workers)
+    with blas().limit(limits=1, user_api="blas"):
+        distances, ids = nearest(embeddings, rule.k)
+        outstanding = spectrum(residuals, rule.directions)
     parts |= {"sparsity_z": robust_z(sparsity(distances, ids)), "pooled_z": pooled(paper_z, ids),
               "spectrum_z": robust_z(np.log(outstanding))}
-    collapse = int((outstanding > rule.outlier).sum()) >= rule.collapse_count
+    collapse = collapse_test(outstanding > rule.outlier, ids, rule.collapse_count)
     score = collapsed_score(parts) + rule.collapse_shift if collapse else quiet_score(parts)
     return WindowScores(score.astype(np.float32), as_float32(parts), np.full(n, collapse))
 
@@ -206,11 +226,17 @@ def calibrate(scorer: Scorer, images: np.ndarray, rule: WindowRule | None, fpr: 
     """The threshold (and the rule with its collapse shift) from reference images cut into windows: at most
     ``fpr`` of clean references above it, or the top ``fraction`` of a sample of the data itself (a removal
     budget). ``rule`` None: the paper score alone. What ``dedefilter calibrate`` runs."""
+    keys = [f"reference-{i}" for i in range(len(images))]
+    return calibrate_scored(scorer.score_all(images, keys, residuals=rule is not None), rule, fpr, fraction)
+
+
+def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | None = None,
+                     fraction: float | None = None) -> tuple[Threshold, WindowRule | None]:
+    """:func:`calibrate` on reference images already scored (with residuals when ``rule`` is given)."""
     if (fpr is None) == (fraction is None):
         raise ValueError("give exactly one of fpr and fraction")
     level = fpr if fpr is not None else fraction
     make = for_false_positive_rate if fpr is not None else for_contamination
-    scored = scorer.score_all(images, [f"reference-{i}" for i in range(len(images))], residuals=rule is not None)
     if rule is None:
         return make(scored.scores, level, "paper"), None
     judged = score_windows(scored.scores, scored.embeddings, scored.residuals, replace(rule, collapse_shift=0.0))

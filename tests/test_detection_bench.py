@@ -18,7 +18,7 @@ from benchmarks.detection import (
     recall_at_budget,
 )
 from dedefilter.scoring import ScoredBatch
-from dedefilter.window import WindowRule
+from dedefilter.window import WindowRule, calibrate_scored
 
 ROW_FIELDS = {"attack", "share", "aux", "method", "auroc", "tpr_at_1fpr", "recall_at_2pct", "recall_at_10pct",
               "asr_after", "ca_after", "ca_before", "asr_before"}
@@ -103,7 +103,10 @@ def test_detector_rows_score_every_stream_from_one_pool_scoring():
     consistency = rng.normal(size=n_pool)
     baselines = {("all", s.share): baseline_scores(embeddings[s.rows], consistency[s.rows], rule.size)
                  for s in streams}
-    clean_reference = {m: rng.normal(size=500) for m in METHODS} | {"paper": rng.normal(1.0, 0.1, 500)}
+    clean = ScoredBatch(rng.normal(1.0, 0.1, 500).astype(np.float32), rng.normal(size=(500, 8)).astype(np.float32),
+                        rng.normal(size=(500, 16)).astype(np.float32))  # clean reference images, scored
+    clean_reference = {m: rng.normal(size=500) for m in METHODS} | {
+        "shipped": calibrate_scored(clean, rule, fpr=0.01), "paper": calibrate_scored(clean, None, fpr=0.01)}
     predicted = np.where(pool.triggered, 1, pool.labels)  # the backdoor always works, clean images always right
     config = BenchConfig(n_reference=500)
 
