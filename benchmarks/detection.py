@@ -15,15 +15,15 @@ Per attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.regis
 - Every image any stream holds is scored once per detector with :meth:`dedefilter.Scorer.score_all`
   (paper scores, embeddings, residuals); each stream is assembled from those arrays, and
   ``paper`` is its paper score, ``shipped`` :func:`dedefilter.window.score_windows` with the default
-  :class:`~dedefilter.window.WindowRule` over its windows: what ``filter`` runs with a detector calibrated
-  by ``calibrate`` (default ``--window 1000``).
+  :class:`~dedefilter.window.WindowRule` (with the collapse shift calibration set) over its windows: what
+  ``filter`` runs with a detector calibrated by ``calibrate`` (default ``--window 1000``).
 - Detectors (the paper's DeDe config, as the demo trains it): in-distribution clean, in-distribution 1%
   poisoned, class-disjoint (the target class and four others), OOD photo patches, and ``self``: a sample of
   the 1%-share stream itself (scored on every share, trained at 1%).
-- Thresholds as ``calibrate`` sets them: 1% FPR on 2,000 clean reference images (train[50000:52000], windows
-  of 1,000, :func:`dedefilter.window.filter_scores`); for ``self`` a 2% removal budget on the stream's first
-  2,000 images (``calibrate --budget 0.02`` with the stream's shards as ``--reference``). Baselines the same,
-  on their own window scores.
+- Thresholds as ``calibrate`` sets them (:func:`dedefilter.window.calibrate`): 1% FPR on 2,000 clean reference
+  images (train[50000:52000], windows of 1,000); for ``self`` a 2% removal budget on the stream's first 2,000
+  images (``calibrate --budget 0.02`` with the stream's shards as ``--reference``). Baselines the same, on
+  their own window scores.
 - Baselines on the same windows: L2 norm (two-sided robust z in the window), kNN density (k=10), masking
   consistency (per sample), and the k-NN sparsity of Huang et al. (ICLR 2025; k=16, the window as reference,
   the library's :func:`dedefilter.window.nearest` / :func:`~dedefilter.window.sparsity`).
