@@ -14,7 +14,7 @@ import torch
 from dedefilter import DeDeFilter, StageConfig, filter_shards, fixed, for_false_positive_rate
 from dedefilter.metrics import auroc
 from dedefilter.scoring import Scorer
-from dedefilter.window import WindowRule, filter_scores, score_window, score_windows
+from dedefilter.window import WindowRule, calibrate, filter_scores, score_window, score_windows
 
 RULE = WindowRule(size=1000)
 
@@ -86,12 +86,10 @@ def test_windows_follow_the_rule_size_and_are_independent():
 
 @pytest.fixture(scope="module")
 def windowed_scorer(encoder, detector, fmnist_test):
-    """The suite's small detector, calibrated at 5% FPR on windows of 100 clean test images."""
-    rule = WindowRule(size=100)
+    """The suite's small detector, calibrated at 5% FPR on windows of 100 clean test images, as `calibrate` does."""
     images, _ = fmnist_test
-    reference = images[7000:8000]
-    scores = filter_scores(Scorer(encoder, detector), reference, [f"ref-{i}" for i in range(1000)], rule)
-    return Scorer(encoder, detector.with_threshold(for_false_positive_rate(scores, 0.05, "window"), rule))
+    threshold, rule = calibrate(Scorer(encoder, detector), images[7000:8000], WindowRule(size=100), fpr=0.05)
+    return Scorer(encoder, detector.with_threshold(threshold, rule))
 
 
 def test_a_threshold_on_clean_windows_keeps_its_false_positive_rate_on_other_clean_images(windowed_scorer,
