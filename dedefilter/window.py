@@ -54,7 +54,11 @@ class WindowRule:
     k: int = 16  # neighbours for pooling and sparsity (Huang et al. use 16)
     directions: int = 3  # top principal directions of the residuals searched for a shared pattern
     outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
-    collapse_count: int = 8  # this many outstanding samples make a collapse
+    collapse_count: int = 4  # this many outstanding samples that are each other's neighbours make a collapse,
+    # if they sit in one tight, dense spot (one target embedding): their unit embeddings' mean has at least this
+    # length, and their median k-th neighbour distance is at most this share of the window's
+    collapse_resultant: float = 0.85
+    collapse_density: float = 0.75
     min_size: int = 64  # a smaller window gets the paper score's z alone
     # Set by calibration (:func:`calibrate`): added to a collapsed window's score so that its clean reference
     # quantile at the cut's level meets the quiet score's; the two scores have tails of different weight.
@@ -138,13 +142,20 @@ def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:
     return (projection / np.maximum(spread, 1e-300)).max(1)
 
 
-def collapse_test(outstanding: np.ndarray, ids: np.ndarray, count: int) -> bool:
-    """A collapse: at least ``count`` samples stand out in the residual spectrum *and* have most of their
-    embedding neighbours standing out too. Triggered images do both (one trigger pattern, one target
-    embedding); a few clean images with odd residuals (textures, a rare shape) are not each other's
-    neighbours, and scoring their window as collapsed would bury a lone triggered image."""
+def collapse_test(outstanding: np.ndarray, embeddings: np.ndarray, distances: np.ndarray, ids: np.ndarray,
+                  rule: WindowRule) -> bool:
+    """A collapse: at least ``rule.collapse_count`` samples stand out in the residual spectrum, have most of
+    their embedding neighbours standing out too, and sit together in one tight, dense spot of the embedding
+    space. Triggered images do all three (one trigger pattern, one target embedding). A few clean images with
+    odd residuals (textures, a rare shape) are not each other's neighbours; the clean images of classes the
+    decoder never saw are, but they spread over their classes and are no denser than the window. Scoring
+    such a window as collapsed would bury a lone triggered image."""
     grouped = outstanding & (outstanding[ids].mean(1) >= 0.5)
-    return int(grouped.sum()) >= count
+    if int(grouped.sum()) < rule.collapse_count:
+        return False
+    resultant = np.linalg.norm(unit_rows(embeddings)[grouped].mean(0))
+    density = np.median(distances[grouped, -1]) / max(np.median(distances[:, -1]), 1e-12)
+    return bool(resultant >= rule.collapse_resultant and density <= rule.collapse_density)
 
 
 def quiet_score(parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -194,7 +205,7 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
         outstanding = spectrum(residuals, rule.directions)
     parts |= {"sparsity_z": robust_z(sparsity(distances, ids)), "pooled_z": pooled(paper_z, ids),
               "spectrum_z": robust_z(np.log(outstanding))}
-    collapse = collapse_test(outstanding > rule.outlier, ids, rule.collapse_count)
+    collapse = collapse_test(outstanding > rule.outlier, embeddings, distances, ids, rule)
     score = collapsed_score(parts) + rule.collapse_shift if collapse else quiet_score(parts)
     return WindowScores(score.astype(np.float32), as_float32(parts), np.full(n, collapse))
 

@@ -53,6 +53,18 @@ def test_a_planted_collapse_fires_the_test_and_pooling_plus_spectrum_rank_it_fir
     assert auroc(judged.parts["paper_z"], truth) < 0.95  # the paper score alone does not separate them
 
 
+def test_a_class_the_decoder_never_saw_is_a_group_but_not_a_collapse():
+    rng = np.random.default_rng(4)
+    scores, embeddings, residuals = clean_window(rng)
+    unseen = np.flatnonzero(np.linalg.norm(embeddings[:, None] - embeddings[None, :1], axis=2)[:, 0] < 3)[:100]
+    residuals[unseen] += 6 * rng.normal(size=residuals.shape[1])  # the shape the decoder cannot draw
+    scores[unseen] *= 1.5
+    planted_collapse = score_window(scores, embeddings.copy(), residuals, RULE)  # grouped, yet as spread as a class
+    assert len(unseen) >= 50 and not planted_collapse.collapse.any()
+    embeddings[unseen] = embeddings[unseen].mean(0) + 0.01 * rng.normal(size=(len(unseen), embeddings.shape[1]))
+    assert score_window(scores, embeddings, residuals, RULE).collapse.all()  # the same group, squeezed to one spot
+
+
 def test_a_clean_window_does_not_collapse_and_its_scores_stay_centred():
     for seed in range(5):
         judged = score_window(*clean_window(np.random.default_rng(seed)), RULE)
