@@ -54,11 +54,9 @@ class WindowRule:
     k: int = 16  # neighbours for pooling and sparsity (Huang et al. use 16)
     directions: int = 3  # top principal directions of the residuals searched for a shared pattern
     outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
-    collapse_count: int = 4  # this many outstanding samples that are each other's neighbours make a collapse,
-    # if they sit in one tight, dense spot (one target embedding): their unit embeddings' mean has at least this
-    # length, and their median k-th neighbour distance is at most this share of the window's
-    collapse_resultant: float = 0.85
-    collapse_density: float = 0.75
+    collapse_count: int = 4  # this many outstanding samples that are each other's neighbours make a collapse
+    collapse_resultant: float = 0.85  # ... if their unit embeddings' mean is at least this long (one direction)
+    collapse_density: float = 0.75  # ... and their median k-th neighbour distance is at most this share of the window's
     min_size: int = 64  # a smaller window gets the paper score's z alone
     # Set by calibration (:func:`calibrate`): added to a collapsed window's score so that its clean reference
     # quantile at the cut's level meets the quiet score's; the two scores have tails of different weight.
