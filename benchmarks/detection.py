@@ -61,7 +61,7 @@ from dedefilter.metrics import auroc, tpr_at_fpr
 from dedefilter.probe import train_linear_probe
 from dedefilter.scoring import ScoredBatch, Scorer
 from dedefilter.training import train_model
-from dedefilter.window import WindowRule, calibrate, calibrate_scored, nearest, robust_z, score_windows, sparsity
+from dedefilter.window import WindowRule, calibrate_scored, nearest, robust_z, score_reference, score_windows, sparsity
 
 from . import detection_methods as methods
 
@@ -241,7 +241,8 @@ def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[st
     for stream in streams:
         r = stream.rows
         if reference is None:
-            head = ScoredBatch(*(a[r[:config.n_reference]] for a in (scored.scores, scored.embeddings, scored.residuals)))
+            head_rows = r[:config.n_reference]
+            head = ScoredBatch(*(a[head_rows] for a in (scored.scores, scored.embeddings, scored.residuals)))
             calibrated = {"shipped": calibrate_scored(head, rule, fraction=config.budget),
                           "paper": calibrate_scored(head, None, fraction=config.budget)}
         else:
@@ -371,9 +372,10 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
         scorer = Scorer(encoder, detector, device)
         scored = scorer.score_all(pool.images, pool.keys, residuals=True)
         reference_scores = None
-        if mode != "self":  # exactly as `dedefilter calibrate --reference ... --window 1000` (and --window 0)
-            reference_scores = {"shipped": calibrate(scorer, reference, rule, fpr=config.target_fpr),
-                                "paper": calibrate(scorer, reference, None, fpr=config.target_fpr)}
+        if mode != "self":  # as `dedefilter calibrate --reference ... --window 1000` (and --window 0), one scoring
+            reference_scored = score_reference(scorer, reference)
+            reference_scores = {"shipped": calibrate_scored(reference_scored, rule, fpr=config.target_fpr),
+                                "paper": calibrate_scored(reference_scored, None, fpr=config.target_fpr)}
             reference_scores |= reference_baselines
         rows += detector_rows(name, mode, scored, reference_scores, streams[stream_kind(mode)], baselines, predicted,
                               target, rule, config)
@@ -430,10 +432,11 @@ def markdown(report: dict) -> str:
         "# Detection sweep", "",
         f"`{meta['command']}` on {meta['device_name']} ({meta['date']}, torch {meta['torch']}; seconds per attack: "
         + ", ".join(f"{n} {s:.0f}" for n, s in meta["attack_seconds"].items()) + "). "
-        f"Streams of {config['n_stream']} Fashion-MNIST test images (shuffled, windows of {WindowRule().size}); at each "
-        "share a nested seeded draw of non-target images is triggered in place. DeDe at the paper's size, "
-        f"{config['epochs']} epochs on {config['n_aux']} auxiliary images. Thresholds: {config['target_fpr']:.0%} FPR on "
-        f"{config['n_reference']} clean reference images; self: a {config['budget']:.0%} budget on the stream's first "
+        f"Streams of {config['n_stream']} Fashion-MNIST test images (shuffled, windows of {WindowRule().size}); "
+        "at each share a nested seeded draw of non-target images is triggered in place. DeDe at the paper's size, "
+        f"{config['epochs']} epochs on {config['n_aux']} auxiliary images. Thresholds: "
+        f"{config['target_fpr']:.0%} FPR on {config['n_reference']} clean reference images; "
+        f"self: a {config['budget']:.0%} budget on the stream's first "
         f"{config['n_reference']}. shipped = `WindowRule()` over the stream's windows, as `dedefilter filter` runs it; "
         "paper = the paper score alone.", "",
         f"Attacks in this file: {', '.join(attacks) or 'none'}"
@@ -468,7 +471,8 @@ def markdown(report: dict) -> str:
     worse = [(k, index[k]["auroc"], index[(*k[:3], "paper")]["auroc"]) for k in index
              if k[3] == "shipped" and index[k]["auroc"] < index[(*k[:3], "paper")]["auroc"] - 0.005]
     lines += ["", "## Cells where shipped < paper - 0.005 AUROC", ""]
-    lines += [f"- {a} / {aux} / {pct(s)}: shipped {x:.3f}, paper {p:.3f}" for (a, aux, s, _), x, p in worse] or ["- none"]
+    lines += [f"- {a} / {aux} / {pct(s)}: shipped {x:.3f}, paper {p:.3f}"
+              for (a, aux, s, _), x, p in worse] or ["- none"]
     failed = [name for name, a in report["attacks"].items() if a["rows"] is None]
     if failed:
         lines += ["", f"Attacks that failed (probe ASR < {MIN_ASR:.0%}): " + ", ".join(failed)]

@@ -235,8 +235,13 @@ def calibrate(scorer: Scorer, images: np.ndarray, rule: WindowRule | None, fpr: 
     """The threshold (and the rule with its collapse shift) from reference images cut into windows: at most
     ``fpr`` of clean references above it, or the top ``fraction`` of a sample of the data itself (a removal
     budget). ``rule`` None: the paper score alone. What ``dedefilter calibrate`` runs."""
-    keys = [f"reference-{i}" for i in range(len(images))]
-    return calibrate_scored(scorer.score_all(images, keys, residuals=rule is not None), rule, fpr, fraction)
+    return calibrate_scored(score_reference(scorer, images, residuals=rule is not None), rule, fpr, fraction)
+
+
+def score_reference(scorer: Scorer, images: np.ndarray, residuals: bool = True) -> ScoredBatch:
+    """Reference images scored as :func:`calibrate` scores them (keyed ``reference-0``, ``reference-1``, ...),
+    to calibrate several rules on one scoring with :func:`calibrate_scored`."""
+    return scorer.score_all(images, [f"reference-{i}" for i in range(len(images))], residuals=residuals)
 
 
 def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | None = None,
