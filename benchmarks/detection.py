@@ -61,7 +61,16 @@ from dedefilter.metrics import auroc, tpr_at_fpr
 from dedefilter.probe import train_linear_probe
 from dedefilter.scoring import ScoredBatch, Scorer
 from dedefilter.training import train_model
-from dedefilter.window import WindowRule, calibrate_scored, nearest, robust_z, score_reference, score_windows, sparsity
+from dedefilter.window import (
+    WindowRule,
+    calibrate_scored,
+    nearest,
+    robust_z,
+    score_reference,
+    score_windows,
+    sparsity,
+    unit_rows,
+)
 
 from . import detection_methods as methods
 
@@ -96,6 +105,7 @@ class BenchConfig:
     target_fpr: float = 0.01  # thresholds from clean references
     budget: float = 0.02  # the self detector's removal budget
     seed: int = 0
+    stream_seed: int = 0  # the streams' order and triggered draws (the held-out streams: 1)
     device: str = "cpu"
     attack_dir: str = "benchmarks/attacks"
     cache_dir: str = ".dedefilter-bench/detectors"
@@ -105,7 +115,8 @@ class BenchConfig:
 QUICK = {"attacks": ("badencoder-patch-trouser", "badencoder-patch-tshirt"), "aux_modes": ("id-poisoned-1%", "self"),
          "n_aux": 1500, "epochs": 3, "n_probe_train": 3000, "results": "benchmarks/results/detection-quick"}
 RESULT_FIELDS = ("aux_modes", "shares", "n_stream", "n_reference", "n_aux", "aux_poison_fraction", "self_share",
-                 "epochs", "n_probe_train", "target_fpr", "budget", "seed")  # the settings a part's rows depend on
+                 "epochs", "n_probe_train", "target_fpr", "budget", "seed",
+                 "stream_seed")  # the settings a part's rows depend on
 
 
 def disjoint_classes(target: int) -> tuple[list[int], list[int]]:
@@ -183,7 +194,7 @@ def per_window(fn: Callable[..., np.ndarray], *arrays: np.ndarray, size: int) ->
 
 def knn_sparsity(embeddings: np.ndarray) -> np.ndarray:
     """Huang et al.'s k-NN sparsity with the window as reference: the library's own parts."""
-    return sparsity(*nearest(embeddings, SPARSITY_K))
+    return sparsity(*nearest(unit_rows(embeddings), SPARSITY_K))
 
 
 def baseline_scores(embeddings: np.ndarray, consistency: np.ndarray, size: int) -> dict[str, np.ndarray]:
@@ -261,8 +272,9 @@ def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[st
             row = {"attack": attack, "share": stream.share, "aux": aux, "method": method}
             row |= cell_metrics(s, threshold, stream, predicted[r], target)
             if method == "shipped":
-                row["collapsed_windows"] = int(window.collapse.reshape(-1)[::rule.size].sum())
-                row["collapse_shift"] = tuned.collapse_shift
+                row["collapsed_windows"] = int(window.collapse[::rule.size].sum())
+                row["target_windows"] = int(window.target[::rule.size].sum())
+                row["collapse_shift"], row["target_shift"] = tuned.collapse_shift, tuned.target_shift
             if aux == "self":
                 row["self_trained_at"] = config.self_share
             rows.append(row)
@@ -344,7 +356,7 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
     device, rule = config.device, WindowRule()
     kinds = tuple(dict.fromkeys(stream_kind(mode) for mode in config.aux_modes))
     test_x, test_y = fashion_mnist("test")
-    pool = make_pool(test_x, test_y, trigger, target, kinds, max(config.shares), config.n_stream, config.seed)
+    pool = make_pool(test_x, test_y, trigger, target, kinds, max(config.shares), config.n_stream, config.stream_seed)
     streams = {kind: [make_stream(pool, kind, share) for share in config.shares] for kind in kinds}
     log(f"{name}: target {FASHION_MNIST_CLASSES[target]}; {len(pool.keys)} images to score per detector "
         f"({int(pool.triggered.sum())} triggered versions)")
@@ -506,7 +518,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 attacks, 2 aux modes, small detectors: minutes")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--attacks", nargs="+", choices=[a for a in sorted(ATTACKS) if a != HELDOUT])
+    parser.add_argument("--attacks", nargs="+", choices=sorted(ATTACKS),
+                        help=f"{HELDOUT} only with --stream-seed other than 0 (else --heldout)")
+    parser.add_argument("--aux", nargs="+", choices=AUX_MODES, help="these auxiliary sets only")
+    parser.add_argument("--stream-seed", type=int, default=0,
+                        help="draw other streams (1: the held-out streams, run once after every choice is frozen)")
     parser.add_argument("--heldout", action="store_true",
                         help=f"run only the held-out attack {HELDOUT} (once, after every choice is frozen)")
     parser.add_argument("--results", help="output path without extension")
@@ -516,11 +532,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.heldout and args.attacks:
         parser.error("--heldout runs the held-out attack alone")
-    config = BenchConfig(device=args.device)
+    if HELDOUT in (args.attacks or ()) and not args.stream_seed:
+        parser.error(f"{HELDOUT} is the held-out attack: --heldout runs it")
+    config = BenchConfig(device=args.device, stream_seed=args.stream_seed)
     if args.quick:
         config = replace(config, **QUICK)
     if args.attacks:
         config = replace(config, attacks=tuple(args.attacks))
+    if args.aux:
+        config = replace(config, aux_modes=tuple(args.aux))
     if args.results:
         config = replace(config, results=args.results)
     torch.manual_seed(config.seed)
@@ -535,7 +555,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name}: kept the saved part", flush=True)
                 continue
             run_attack(name, config, parts, log=lambda message: print(message, flush=True))
-    command = "python -m benchmarks.detection" + (" --quick" if args.quick else "")
+    command = ("python -m benchmarks.detection" + (" --quick" if args.quick else "")
+               + (f" --stream-seed {args.stream_seed}" if args.stream_seed else ""))
     report = assemble(config, parts, command, time.perf_counter() - start)
     path = Path(config.results)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,9 @@ class Detector:
             threshold = json.loads(checkpoint["threshold"])
             encoder_input = json.loads(checkpoint.get("encoder_input", "null"))
             window = json.loads(checkpoint.get("window", "null"))
+            if window is not None and set(window) != set(WindowRule().to_dict()):
+                raise ValueError(f"its window rule has the settings {sorted(window)}, this version's "
+                                 f"{sorted(WindowRule().to_dict())}: calibrate it again with `dedefilter calibrate`")
             return cls(model=model.eval(), encoder_name=checkpoint["encoder_name"],
                        encoder_fingerprint=checkpoint["encoder_fingerprint"],
                        threshold=Threshold(**threshold) if threshold else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 
@@ -12,6 +13,7 @@ import torch
 
 from dedefilter import CheckpointError, Detector, Scorer, load_encoder
 from dedefilter.encoders import EncoderInput
+from dedefilter.window import WindowRule
 
 
 def test_round_trip_keeps_scores_threshold_and_id(tmp_path, detector, encoder, shard_data):
@@ -70,6 +72,16 @@ def test_the_encoder_input_round_trips_and_old_checkpoints_keep_32(tmp_path, det
     assert legacy.encoder_input is None and Scorer(encoder, legacy).encoder.input == EncoderInput(size=32)
     assert np.array_equal(Scorer(encoder, legacy).score(images[:32], keys[:32]).scores,
                           Scorer(encoder, detector).score(images[:32], keys[:32]).scores)
+
+
+def test_a_window_rule_from_another_version_asks_for_a_new_calibration(tmp_path, detector, encoder):
+    detector.with_threshold(detector.threshold, WindowRule()).save(tmp_path / "det.pt")
+    assert Detector.load(tmp_path / "det.pt", encoder.fingerprint).window == WindowRule()
+    old = torch.load(tmp_path / "det.pt", weights_only=True)
+    old["window"] = json.dumps({k: v for k, v in WindowRule().to_dict().items() if not k.startswith("target")})
+    torch.save(old, tmp_path / "old.pt")  # calibrated before the target test existed: its shift is unknown
+    with pytest.raises(CheckpointError, match="calibrate it again with `dedefilter calibrate`"):
+        Detector.load(tmp_path / "old.pt", encoder.fingerprint)
 
 
 class Payload:

@@ -284,6 +284,14 @@ def test_the_torch_pipeline_takes_the_filter_flags_and_runs_a_bf16_calibrated_de
     assert setup.scorer.precision == "fp32" and setup.threshold.value == 0.5
 
 
+def command_line(process: psutil.Process) -> str:
+    """A child's command line, or "" when it exited between the listing and the reading (a Ray worker may)."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, FileNotFoundError):
+        return ""
+
+
 def test_a_lost_actor_is_replaced_and_its_shard_redone(tmp_path, detector, inputs, local_rows, ray_cluster, caplog):
     """SIGKILL one scorer actor (as a lost node or the OOM killer would): the run finishes with the same table."""
     import threading
@@ -303,7 +311,7 @@ def test_a_lost_actor_is_replaced_and_its_shard_redone(tmp_path, detector, input
         run.start()
         deadline = time.monotonic() + 120
         while not (actors := [p for p in psutil.Process().children(recursive=True)
-                              if "ShardActor" in " ".join(p.cmdline())]) or not list(out.glob("stats/*.json")):
+                              if "ShardActor" in command_line(p)]) or not list(out.glob("stats/*.json")):
             assert run.is_alive() and time.monotonic() < deadline
             time.sleep(0.05)
         actors[0].kill()
