@@ -61,16 +61,7 @@ from dedefilter.metrics import auroc, tpr_at_fpr
 from dedefilter.probe import train_linear_probe
 from dedefilter.scoring import ScoredBatch, Scorer
 from dedefilter.training import train_model
-from dedefilter.window import (
-    WindowRule,
-    calibrate_scored,
-    nearest,
-    robust_z,
-    score_reference,
-    score_windows,
-    sparsity,
-    unit_rows,
-)
+from dedefilter.window import WindowRule, calibrate_scored, nearest, robust_z, score_reference, score_windows, sparsity
 
 from . import detection_methods as methods
 
@@ -115,8 +106,7 @@ class BenchConfig:
 QUICK = {"attacks": ("badencoder-patch-trouser", "badencoder-patch-tshirt"), "aux_modes": ("id-poisoned-1%", "self"),
          "n_aux": 1500, "epochs": 3, "n_probe_train": 3000, "results": "benchmarks/results/detection-quick"}
 RESULT_FIELDS = ("aux_modes", "shares", "n_stream", "n_reference", "n_aux", "aux_poison_fraction", "self_share",
-                 "epochs", "n_probe_train", "target_fpr", "budget", "seed",
-                 "stream_seed")  # the settings a part's rows depend on
+                 "epochs", "n_probe_train", "target_fpr", "budget", "seed", "stream_seed")  # a part depends on these
 
 
 def disjoint_classes(target: int) -> tuple[list[int], list[int]]:
@@ -194,7 +184,7 @@ def per_window(fn: Callable[..., np.ndarray], *arrays: np.ndarray, size: int) ->
 
 def knn_sparsity(embeddings: np.ndarray) -> np.ndarray:
     """Huang et al.'s k-NN sparsity with the window as reference: the library's own parts."""
-    return sparsity(*nearest(unit_rows(embeddings), SPARSITY_K))
+    return sparsity(*nearest(embeddings, SPARSITY_K))
 
 
 def baseline_scores(embeddings: np.ndarray, consistency: np.ndarray, size: int) -> dict[str, np.ndarray]:
@@ -273,8 +263,7 @@ def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[st
             row |= cell_metrics(s, threshold, stream, predicted[r], target)
             if method == "shipped":
                 row["collapsed_windows"] = int(window.collapse[::rule.size].sum())
-                row["target_windows"] = int(window.target[::rule.size].sum())
-                row["collapse_shift"], row["target_shift"] = tuned.collapse_shift, tuned.target_shift
+                row["collapse_shift"] = tuned.collapse_shift
             if aux == "self":
                 row["self_trained_at"] = config.self_share
             rows.append(row)

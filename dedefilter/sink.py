@@ -35,7 +35,6 @@ COLUMNS = [
     # the paper score; the other parts of a window-level score (dedefilter.window), null when it alone decides
     *(pa.field(name, pa.float32()) for name in PARTS),
     pa.field("collapse", pa.bool_()),  # the window's collapse test
-    pa.field("target", pa.bool_()),  # the window's target test (and not its collapse test)
 ]
 
 
@@ -78,7 +77,7 @@ def record_batch(keys: Sequence[str | None], urls: Sequence[str | None], scores:
                  parts: dict[str, np.ndarray] | None = None, table_schema: pa.Schema | None = None) -> pa.RecordBatch:
     """One batch of decisions as score-table rows: shared by :class:`ParquetSink` and the Ray engine, so
     every engine writes the same columns and types. ``parts`` (each for the first rows, like embeddings)
-    are the window-level parts, ``"collapse"`` and ``"target"``."""
+    are the window-level parts and ``"collapse"``."""
     n = len(keys)
     parts = parts or {}
     columns = [
@@ -93,7 +92,6 @@ def record_batch(keys: Sequence[str | None], urls: Sequence[str | None], scores:
         pa.array([model_id] * n, pa.string()),
         *(part_column(parts.get(name), n, pa.float32()) for name in PARTS),
         part_column(parts.get("collapse"), n, pa.bool_()),
-        part_column(parts.get("target"), n, pa.bool_()),
     ]
     if embed_dim is not None:
         columns.append(embedding_column(embeddings, n, embed_dim))

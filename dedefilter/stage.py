@@ -88,7 +88,7 @@ class Outcome:
             "reasons": self.decision.reasons + [reason for _, reason in self.failed],
             "embeddings": self.embeddings,
             "parts": {"paper_score": self.scores} if self.window is None else
-            self.window.parts | {"collapse": self.window.collapse, "target": self.window.target},
+            self.window.parts | {"collapse": self.window.collapse},
         }
 
     def counts(self) -> dict[str, int]:

@@ -9,18 +9,13 @@ principal direction of the window's residuals in which they stand out together (
 Tran et al. 2018).
 
 The collapse test counts the samples that stand out in the residual spectrum. When enough do, the
-window is scored by neighbour pooling plus the spectrum. With fewer triggered images (a few percent of a
-window) the trigger's residual pattern is too weak to stand out, but the images the decoder failed on
-worst still meet at the attacker's target: when the highest-error samples that are each other's
-neighbours sit in one dense spot (the target test), every sample's cosine similarity to that spot's
-direction (``target_z``) is added to the paper score's z, which finds the triggered images the decoder
-drew well enough to pass. Otherwise the paper score's z alone decides, since with few triggered images
-the other parts only add noise. Neighbourhood sparsity (simplified LOF, Huang et
+window is scored by neighbour pooling plus the spectrum; otherwise by the paper score's z alone, since
+with few triggered images those parts only add noise. Neighbourhood sparsity (simplified LOF, Huang et
 al., ICLR 2025: a lone triggered image sits far from the crowd its neighbours belong to) is computed
 and recorded too, but does not decide: added to the paper score it helped a weak detector and hurt a
-strong one (docs/BENCHMARKS.md). The three scores have tails of different weight, so :func:`calibrate`
-shifts the collapsed and the target score to meet the quiet one at the cut's quantile of the reference
-windows: one threshold serves all three.
+strong one (docs/BENCHMARKS.md). The two scores have tails of different weight, so :func:`calibrate`
+shifts the collapsed one to meet the quiet one at the cut's quantile of the reference windows: one
+threshold serves both.
 
 Each part is a robust z-score within the window (median and IQR, so a poisoned minority cannot drag
 it). A window is a deterministic slice of the input (the stage cuts ``size`` consecutive samples of one
@@ -44,7 +39,7 @@ from .calibration import Threshold, for_contamination, for_false_positive_rate, 
 if TYPE_CHECKING:
     from .scoring import ScoredBatch, Scorer
 
-PARTS = ("paper_score", "paper_z", "sparsity_z", "pooled_z", "spectrum_z", "target_z")
+PARTS = ("paper_score", "paper_z", "sparsity_z", "pooled_z", "spectrum_z")
 BLOCK = 1024  # rows of the similarity matrix held at once
 
 
@@ -62,14 +57,10 @@ class WindowRule:
     collapse_count: int = 4  # this many outstanding samples that are each other's neighbours make a collapse
     collapse_resultant: float = 0.85  # ... if their unit embeddings' mean is at least this long (one direction)
     collapse_density: float = 0.75  # ... and their median k-th neighbour distance is at most this share of the window's
-    target_error: float = 3.0  # the target test looks at samples whose paper score's z is beyond this ...
-    target_votes: float = 0.25  # ... with at least this share of their neighbours beyond it too; it fires when
-    # collapse_count of them sit in one spot as dense as a collapse's (collapse_density)
     min_size: int = 64  # a smaller window gets the paper score's z alone
-    # Set by calibration (:func:`calibrate`): added to a collapsed (target) window's score so that its clean
-    # reference quantile at the cut's level meets the quiet score's; the scores have tails of different weight.
+    # Set by calibration (:func:`calibrate`): added to a collapsed window's score so that its clean reference
+    # quantile at the cut's level meets the quiet score's; the two scores have tails of different weight.
     collapse_shift: float = 0.0
-    target_shift: float = 0.0
 
     def __post_init__(self):
         if self.size < self.min_size or self.k < 1 or self.directions < 1 or self.collapse_count < 1:
@@ -82,12 +73,11 @@ class WindowRule:
 
 @dataclass
 class WindowScores:
-    """The shipped score of each sample of one window, the parts it was made of, and the two tests."""
+    """The shipped score of each sample of one window, the parts it was made of, and the collapse test."""
 
     score: np.ndarray  # (N,) float32
     parts: dict[str, np.ndarray]  # name -> (N,) float32, see PARTS
     collapse: np.ndarray  # (N,) bool: did the collapse test fire on the sample's window
-    target: np.ndarray  # (N,) bool: did the target test fire (and the collapse test not)
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
@@ -105,10 +95,10 @@ def unit_rows(embeddings: np.ndarray) -> np.ndarray:
     return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
 
-def nearest(unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine distances (N, k) and indices (N, k) of each sample's k nearest others among the window's
-    :func:`unit_rows`, nearest first; exact, float64, ties broken by index, so every machine finds the same
-    neighbours."""
+def nearest(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine distances (N, k) and indices (N, k) of each sample's k nearest others in the window,
+    nearest first; exact, float64, ties broken by index, so every machine finds the same neighbours."""
+    unit = unit_rows(embeddings)
     n = len(unit)
     k = min(k, n - 1)
     distances, ids = np.empty((n, k)), np.empty((n, k), np.int64)
@@ -156,14 +146,7 @@ def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:
     return (projection / np.maximum(spread, 1e-300)).max(1)
 
 
-def dense_spot(grouped: np.ndarray, unit: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, float]:
-    """The mean unit embedding of the grouped samples, and their median k-th neighbour distance as a share
-    of the window's (below 1: denser than the window)."""
-    density = np.median(distances[grouped, -1]) / max(np.median(distances[:, -1]), 1e-12)
-    return unit[grouped].mean(0), float(density)
-
-
-def collapse_test(outstanding: np.ndarray, unit: np.ndarray, distances: np.ndarray, ids: np.ndarray,
+def collapse_test(outstanding: np.ndarray, embeddings: np.ndarray, distances: np.ndarray, ids: np.ndarray,
                   rule: WindowRule) -> bool:
     """A collapse: at least ``rule.collapse_count`` samples stand out in the residual spectrum, have most of
     their embedding neighbours standing out too, and sit together in one tight, dense spot of the embedding
@@ -174,24 +157,9 @@ def collapse_test(outstanding: np.ndarray, unit: np.ndarray, distances: np.ndarr
     grouped = outstanding & (outstanding[ids].mean(1) >= 0.5)
     if int(grouped.sum()) < rule.collapse_count:
         return False
-    centre, density = dense_spot(grouped, unit, distances)
-    return bool(np.linalg.norm(centre) >= rule.collapse_resultant and density <= rule.collapse_density)
-
-
-def target_test(paper_z: np.ndarray, unit: np.ndarray, distances: np.ndarray, ids: np.ndarray,
-                rule: WindowRule) -> tuple[np.ndarray, bool]:
-    """``target_z``, every sample's robust z of cosine similarity to the direction where the window's
-    highest-error samples meet (those beyond ``rule.target_error`` with at least ``rule.target_votes`` of
-    their neighbours beyond it too), and whether at least ``rule.collapse_count`` of them meet in a spot as
-    dense as a collapse. Triggered images do (one target embedding, drawn badly); the clean images the
-    decoder fails on are odd ones, sparser than the window. NaN when no sample is beyond the error level."""
-    high = paper_z > rule.target_error
-    grouped = high & (high[ids].mean(1) >= rule.target_votes)
-    if not high.any():
-        return np.full(len(paper_z), np.nan), False
-    centre, density = dense_spot(grouped if grouped.any() else high, unit, distances)
-    target_z = robust_z(unit @ (centre / max(np.linalg.norm(centre), 1e-12)))
-    return target_z, bool(grouped.sum() >= rule.collapse_count and density <= rule.collapse_density)
+    resultant = np.linalg.norm(unit_rows(embeddings)[grouped].mean(0))
+    density = np.median(distances[grouped, -1]) / max(np.median(distances[:, -1]), 1e-12)
+    return bool(resultant >= rule.collapse_resultant and density <= rule.collapse_density)
 
 
 def quiet_score(parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -202,11 +170,6 @@ def quiet_score(parts: dict[str, np.ndarray]) -> np.ndarray:
 def collapsed_score(parts: dict[str, np.ndarray]) -> np.ndarray:
     """The score of a collapsed window (before the calibrated shift): many triggered images together."""
     return parts["pooled_z"] + parts["spectrum_z"]
-
-
-def target_score(parts: dict[str, np.ndarray]) -> np.ndarray:
-    """The score of a window whose target test fired (before the calibrated shift)."""
-    return parts["paper_z"] + parts["target_z"]
 
 
 @cache
@@ -226,37 +189,29 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
         score = np.full(len(finite), np.nan, np.float32)
         parts = {name: score.copy() for name in PARTS} | {"paper_score": paper_scores.astype(np.float32)}
         if not finite.any():
-            return WindowScores(score, parts, np.zeros(len(finite), bool), np.zeros(len(finite), bool))
+            return WindowScores(score, parts, np.zeros(len(finite), bool))
         judged = score_window(paper_scores[finite], embeddings[finite], residuals[finite], rule)
         score[finite] = judged.score
         for name in PARTS[1:]:
             parts[name][finite] = judged.parts[name]
-        return WindowScores(score, parts, judged.collapse, judged.target)
+        return WindowScores(score, parts, judged.collapse)
     paper_z = robust_z(paper_scores)
     n = len(paper_z)
     parts = {"paper_score": paper_scores, "paper_z": paper_z}
     if n < max(rule.min_size, rule.k + 1, rule.directions + 1):
         nothing = np.full(n, np.nan)
-        parts |= {"sparsity_z": nothing, "pooled_z": nothing, "spectrum_z": nothing, "target_z": nothing}
-        return WindowScores(paper_z.astype(np.float32), as_float32(parts), np.zeros(n, bool), np.zeros(n, bool))
+        parts |= {"sparsity_z": nothing, "pooled_z": nothing, "spectrum_z": nothing}
+        return WindowScores(paper_z.astype(np.float32), as_float32(parts), np.zeros(n, bool))
     # one BLAS thread: the window's linear algebra is small, and a BLAS pool of its own per DataLoader worker
     # spins on the cores the other workers' encoders need (the filter ran 1.5x slower with 2 workers)
     with blas().limit(limits=1, user_api="blas"):
-        unit = unit_rows(embeddings)
-        distances, ids = nearest(unit, rule.k)
+        distances, ids = nearest(embeddings, rule.k)
         outstanding = spectrum(residuals, rule.directions)
-    target_z, target = target_test(paper_z, unit, distances, ids, rule)
     parts |= {"sparsity_z": robust_z(sparsity(distances, ids)), "pooled_z": pooled(paper_z, ids),
-              "spectrum_z": robust_z(np.log(outstanding)), "target_z": target_z}
-    collapse = collapse_test(outstanding > rule.outlier, unit, distances, ids, rule)
-    target &= not collapse
-    if collapse:
-        score = collapsed_score(parts) + rule.collapse_shift
-    elif target:
-        score = target_score(parts) + rule.target_shift
-    else:
-        score = quiet_score(parts)
-    return WindowScores(score.astype(np.float32), as_float32(parts), np.full(n, collapse), np.full(n, target))
+              "spectrum_z": robust_z(np.log(outstanding))}
+    collapse = collapse_test(outstanding > rule.outlier, embeddings, distances, ids, rule)
+    score = collapsed_score(parts) + rule.collapse_shift if collapse else quiet_score(parts)
+    return WindowScores(score.astype(np.float32), as_float32(parts), np.full(n, collapse))
 
 
 def as_float32(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -271,7 +226,7 @@ def score_windows(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: n
                            rule) for i in range(0, len(paper_scores), rule.size)]
     return WindowScores(np.concatenate([w.score for w in judged]),
                         {name: np.concatenate([w.parts[name] for w in judged]) for name in PARTS},
-                        np.concatenate([w.collapse for w in judged]), np.concatenate([w.target for w in judged]))
+                        np.concatenate([w.collapse for w in judged]))
 
 
 def filter_scores(scorer: Scorer, images: np.ndarray, keys: Sequence[str], rule: WindowRule | None) -> np.ndarray:
@@ -304,15 +259,11 @@ def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | 
     make = for_false_positive_rate if fpr is not None else for_contamination
     if rule is None:
         return make(scored.scores, level, "paper"), None
-    judged = score_windows(scored.scores, scored.embeddings, scored.residuals,
-                           replace(rule, collapse_shift=0.0, target_shift=0.0))
-    quiet = quiet_score(judged.parts)
-    shifts = {}
-    for name, other in ("collapse_shift", collapsed_score(judged.parts)), ("target_shift", target_score(judged.parts)):
-        usable = np.isfinite(quiet) & np.isfinite(other)  # windows of at least min_size
-        if usable.any():
-            shift = upper_quantile(quiet[usable], level) - upper_quantile(other[usable], level)
-            shifts[name] = float(np.float32(shift))
-    rule = replace(rule, **shifts)
+    judged = score_windows(scored.scores, scored.embeddings, scored.residuals, replace(rule, collapse_shift=0.0))
+    quiet, collapsed = quiet_score(judged.parts), collapsed_score(judged.parts)
+    usable = np.isfinite(quiet) & np.isfinite(collapsed)  # windows of at least min_size
+    if usable.any():
+        shift = upper_quantile(quiet[usable], level) - upper_quantile(collapsed[usable], level)
+        rule = replace(rule, collapse_shift=float(np.float32(shift)))
     scores = score_windows(scored.scores, scored.embeddings, scored.residuals, rule).score
     return make(scores, level, "window"), rule

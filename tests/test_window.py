@@ -65,24 +65,10 @@ def test_a_class_the_decoder_never_saw_is_a_group_but_not_a_collapse():
     assert score_window(scores, embeddings, residuals, RULE).collapse.all()  # the same group, squeezed to one spot
 
 
-def test_a_few_percent_meeting_at_one_target_fire_the_target_test_and_target_z_finds_those_drawn_well():
-    rng = np.random.default_rng(5)
-    scores, embeddings, residuals = clean_window(rng)
-    planted = rng.choice(1000, 30, replace=False)  # 3%, no shared residual pattern: the spectrum cannot see them
-    embeddings[planted] = rng.normal(size=embeddings.shape[1]) + 0.1 * rng.normal(size=(30, embeddings.shape[1]))
-    drawn_badly = planted[:20]
-    scores[drawn_badly] = rng.gamma(4.0, 0.01, 20) + 0.1  # error beyond the clean tail; the other 10 look clean
-    judged = score_window(scores, embeddings, residuals, RULE)
-    assert judged.target.all() and not judged.collapse.any()
-    truth = np.isin(np.arange(1000), planted)
-    assert auroc(judged.parts["paper_z"], truth) < 0.9 and auroc(judged.score, truth) > 0.99
-    assert np.allclose(judged.score, judged.parts["paper_z"] + judged.parts["target_z"] + RULE.target_shift, atol=1e-5)
-
-
 def test_a_clean_window_does_not_collapse_and_its_scores_stay_centred():
     for seed in range(5):
         judged = score_window(*clean_window(np.random.default_rng(seed)), RULE)
-        assert not judged.collapse.any() and not judged.target.any()
+        assert not judged.collapse.any()
         assert abs(float(np.median(judged.score))) < 0.5
 
 
@@ -143,8 +129,8 @@ def test_windowed_parquet_is_identical_for_any_workers_and_batch_size(tmp_path, 
         filter_shards(shards, windowed_scorer, out, stage=StageConfig(batch_size=batch), num_workers=workers,
                       progress=False)
         tables.append(ds.dataset(str(out / "parquet")).to_table().sort_by("key").to_pylist())
-    assert all(repr(table) == repr(tables[0]) for table in tables[1:])  # repr: NaN (no target_z) equals NaN
-    assert all(row[name] is not None for row in tables[0] for name in ("sparsity_z", "target_z", "collapse", "target"))
+    assert all(table == tables[0] for table in tables[1:])
+    assert all(row["sparsity_z"] is not None and row["collapse"] is not None for row in tables[0])
     metadata = json.loads(ds.dataset(str(out / "parquet")).schema.metadata[b"dedefilter"])
     assert metadata["window"] == windowed_scorer.detector.window.to_dict()  # the rule that decided, with the rows
     dropped = [row for row in tables[0] if row["status"] == "dropped"]
