@@ -4,6 +4,8 @@ Fashion-MNIST test images 0.1% to 18% triggered, with five kinds of auxiliary da
     python -m benchmarks.detection [--quick] [--device cuda] [--attacks NAME ...] [--fresh]
     python -m benchmarks.detection --heldout      # the held-out attack, once, after every choice is frozen
     python -m benchmarks.detection --assemble     # only write the report from the saved per-attack parts
+    python -m benchmarks.detection --stream-seed 1 --aux id-clean id-poisoned-1% class-disjoint ood-photos \
+        --attacks ... --results benchmarks/results/detection-heldout-streams   # streams no rule was tuned on
 
 Per attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.registry``):
 
