@@ -4,15 +4,17 @@ Two resolutions live in a checkpoint: the decoder's (``config.image_size``, ``co
 the encoder's input it was trained with (:class:`~dedefilter.encoders.EncoderInput`; checkpoints from
 before it was recorded use the encoder's own, which was 32x32 for every encoder they could be made for).
 The window rule (:class:`~dedefilter.window.WindowRule`) its threshold was calibrated with is stored too,
-so the filter decides as calibration did. Checkpoints hold only tensors and plain values and load with
-``weights_only=True``, so a file from a stranger cannot run code; a detector made for another encoder is
-refused.
+so the filter decides as calibration did; a rule with other settings than this version's (made by
+another version) cannot be rebuilt, so that threshold is dropped, with a warning, and must be calibrated
+again. Checkpoints hold only tensors and plain values and load with ``weights_only=True``, so a file from
+a stranger cannot run code; a detector made for another encoder is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +26,8 @@ from .config import DeDeConfig
 from .encoders import EncoderInput
 from .model import DeDeModel
 from .window import WindowRule
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dedefilter-detector/1"
 FIELDS = ("config", "embed_dim", "state_dict", "encoder_name", "encoder_fingerprint", "threshold", "record")
@@ -91,7 +95,8 @@ class Detector:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle, zip and torch raise many types for a bad file
-            detail = (str(err).splitlines() or [""])[0].split(". ")[0][:160]  # torch's advice to unpickle unsafely: not ours
+            # the first sentence only: torch's advice to unpickle unsafely is not ours to give
+            detail = (str(err).splitlines() or [""])[0].split(". ")[0][:160]
             raise CheckpointError(f"{not_ours} (torch.load cannot read it, the file is damaged or of another kind: "
                                   f"{type(err).__name__}{': ' + detail if detail else ''})") from None
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -113,8 +118,9 @@ class Detector:
             encoder_input = json.loads(checkpoint.get("encoder_input", "null"))
             window = json.loads(checkpoint.get("window", "null"))
             if window is not None and set(window) != set(WindowRule().to_dict()):
-                raise ValueError(f"its window rule has the settings {sorted(window)}, this version's "
-                                 f"{sorted(WindowRule().to_dict())}: calibrate it again with `dedefilter calibrate`")
+                log.warning("%s: calibrated with a window rule of other settings (%s); loaded without its threshold: "
+                            "calibrate it again with `dedefilter calibrate`", path, ", ".join(sorted(window)))
+                threshold = window = None
             return cls(model=model.eval(), encoder_name=checkpoint["encoder_name"],
                        encoder_fingerprint=checkpoint["encoder_fingerprint"],
                        threshold=Threshold(**threshold) if threshold else None,

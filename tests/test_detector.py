@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dedefilter import CheckpointError, Detector, Scorer, load_encoder
+from dedefilter import CheckpointError, DeDeFilter, Detector, Scorer, load_encoder
 from dedefilter.encoders import EncoderInput
 from dedefilter.window import WindowRule
 
@@ -74,14 +74,18 @@ def test_the_encoder_input_round_trips_and_old_checkpoints_keep_32(tmp_path, det
                           Scorer(encoder, detector).score(images[:32], keys[:32]).scores)
 
 
-def test_a_window_rule_from_another_version_asks_for_a_new_calibration(tmp_path, detector, encoder):
+def test_a_threshold_calibrated_with_another_versions_window_rule_is_dropped_and_said(tmp_path, detector, encoder,
+                                                                                         caplog):
     detector.with_threshold(detector.threshold, WindowRule()).save(tmp_path / "det.pt")
     assert Detector.load(tmp_path / "det.pt", encoder.fingerprint).window == WindowRule()
     old = torch.load(tmp_path / "det.pt", weights_only=True)
     old["window"] = json.dumps({k: v for k, v in WindowRule().to_dict().items() if k != "collapse_resultant"})
     torch.save(old, tmp_path / "old.pt")  # calibrated before the collapse test had this condition
-    with pytest.raises(CheckpointError, match="calibrate it again with `dedefilter calibrate`"):
-        Detector.load(tmp_path / "old.pt", encoder.fingerprint)
+    loaded = Detector.load(tmp_path / "old.pt", encoder.fingerprint)
+    assert loaded.threshold is None and loaded.window is None  # `filter` refuses it, `calibrate` can redo it
+    assert loaded.model_id == detector.model_id and "calibrate it again" in caplog.text
+    with pytest.raises(ValueError, match="no threshold"):
+        DeDeFilter(Scorer(encoder, loaded))
 
 
 class Payload:
