@@ -11,7 +11,7 @@ window-level score (``dedefilter.window``); the paper score of each pair, in the
 reported beside it.
 Captions are written from the Fashion-MNIST labels (see dedefilter/imagetext.py).
 
-    python -m benchmarks.clip_loop            # 20,000 pairs (~1 h on 2 free cores)
+    python -m benchmarks.clip_loop            # 20,000 pairs (21 min on 2 cores)
     python -m benchmarks.clip_loop --quick    # 10,000 pairs, 8 CLIP epochs, smaller DeDe training
 """
 
