@@ -98,7 +98,7 @@ class BenchConfig:
     target_fpr: float = 0.01  # thresholds from clean references
     budget: float = 0.02  # the self detector's removal budget
     seed: int = 0
-    stream_seed: int = 0  # the streams' order and triggered draws (the held-out streams: 1)
+    stream_seed: int = 0  # the streams' order and triggered draws (1: spent on the frozen rule; a new rule needs 2)
     device: str = "cpu"
     attack_dir: str = "benchmarks/attacks"
     cache_dir: str = ".dedefilter-bench/detectors"
@@ -513,7 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"{HELDOUT} only with --stream-seed other than 0 (else --heldout)")
     parser.add_argument("--aux", nargs="+", choices=AUX_MODES, help="these auxiliary sets only")
     parser.add_argument("--stream-seed", type=int, default=0,
-                        help="draw other streams (1: the held-out streams, run once after every choice is frozen)")
+                        help="draw other streams, as a held-out check run once after every choice is frozen "
+                             "(1 is spent: docs/BENCHMARKS.md, held-out streams)")
     parser.add_argument("--heldout", action="store_true",
                         help=f"run only the held-out attack {HELDOUT} (once, after every choice is frozen)")
     parser.add_argument("--results", help="output path without extension")
