@@ -3,16 +3,18 @@
 poisoned img2dataset shards (Carlini & Terzis data poisoning) -> train a small CLIP (backdoored) ->
 ``dedefilter train`` on a sample of the same shards (no clean data) -> ``calibrate --contamination``
 (the removal budget, no clean references) -> ``dedefilter filter --embeddings`` over the training shards
-with the CLIP's image tower -> ``audit`` -> ``select`` / ``reshard`` -> retrain the CLIP on the cleaned
+with the CLIP's image tower -> ``audit`` -> ``select --separated --fraction`` (the separated collapse regions
+first, then the highest scores, 10% of the corpus in all) / ``reshard`` -> retrain the CLIP on the cleaned
 shards -> zero-shot ASR and accuracy, next to a CLIP trained on the corpus without its poisoned pairs.
 
-Every step of the filter is the ``dedefilter`` command (a subprocess) with its defaults: the shipped
-window-level score (``dedefilter.window``); the paper score of each pair, in the same Parquet rows, is
-reported beside it.
+Every step is the ``dedefilter`` command (a subprocess) with its defaults: the filter's shipped window-level
+score (``dedefilter.window``), the audit's collapse regions (``dedefilter.audit.collapse``). The AUROC is that
+of the order the selection removes in; the filter's score alone and the paper score are reported beside it.
 Captions are written from the Fashion-MNIST labels (see dedefilter/imagetext.py).
 
     python -m benchmarks.clip_loop            # 20,000 pairs (21 min on 2 cores)
     python -m benchmarks.clip_loop --quick    # 10,000 pairs, 8 CLIP epochs, smaller DeDe training
+    python -m benchmarks.clip_loop --seed 1   # another draw (CLIP init, poisoned pairs, captions): the held-out run
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pyarrow.dataset as ds
 import torch
 
 from dedefilter.attacks.clip_poison import ClipPoison, fashion_mnist_pairs
+from dedefilter.audit import SAMPLES_FILE, read_selection, removal_score
 from dedefilter.clip import ClipConfig, SmallCLIP, save_clip, train_clip, zero_shot_report
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist
 from dedefilter.encoders import SmallCNN, build_encoder, save_encoder
@@ -76,12 +79,13 @@ def dedefilter(*args: str) -> dict:
     return json.loads(last) if last.startswith("{") else {}
 
 
-def remove_selected(parquet_dir: Path, urls: list[str], budget: float, work: Path) -> tuple[list[str], dict]:
-    """``select`` the top ``budget`` of scores, ``reshard`` the shards without them: the cleaned corpus.
+def remove_selected(audit_dir: Path, urls: list[str], budget: float, work: Path) -> tuple[list[str], dict]:
+    """``select`` the separated collapse regions, then the top scores, ``budget`` of the corpus in all;
+    ``reshard`` the shards without them: the cleaned corpus.
 
     The one place that knows the key-list format passed between the two commands."""
     keys = work / "remove-keys.txt"
-    selected = dedefilter("select", parquet_dir, "--fraction", budget, "--out", keys)
+    selected = dedefilter("select", audit_dir, "--separated", "--fraction", budget, "--out", keys)
     counts = dedefilter("reshard", *urls, "--drop-keys", keys, "--out", work / "cleaned")
     return sorted(str(p) for p in (work / "cleaned").glob("*.tar")), {"select": selected, "reshard": counts}
 
@@ -108,20 +112,32 @@ def train_reference(pairs, keep: np.ndarray, clip_config: ClipConfig, data: dict
     return train_and_measure(pairs, keep, clip_config, data, attack, "clean", partial(print, flush=True))[1]
 
 
-def detection_metrics(parquet_dir: Path, truth: dict[str, bool], labels: dict[str, int], selected: int) -> dict:
-    table = ds.dataset(str(parquet_dir), format="parquet").to_table(columns=["key", "score", "paper_score"],
-                                                                    filter=ds.field("status") != "error")
-    keys, scores = table["key"].to_pylist(), table["score"].to_numpy()
-    paper = table["paper_score"].to_numpy()
+def detection_metrics(parquet_dir: Path, audit_dir: Path, truth: dict[str, bool], labels: dict[str, int],
+                      removed: list[str]) -> dict:
+    """AUROC of the removal order (audit), of the filter's score and of the paper score; recall of the
+    removed keys, and of the same number of top keys by each score alone."""
+    filtered = ds.dataset(str(parquet_dir), format="parquet").to_table(
+        columns=["key", "paper_score"], filter=ds.field("status") != "error")
+    paper_of = dict(zip(filtered["key"].to_pylist(), filtered["paper_score"].to_numpy().tolist(), strict=True))
+    table = ds.dataset(str(audit_dir / SAMPLES_FILE), format="parquet").to_table(
+        columns=["key", "score", "separated"], filter=ds.field("status") != "error")
+    keys, scores, separated = table["key"].to_pylist(), table["score"].to_numpy(), table["separated"].to_numpy()
+    paper = np.array([paper_of[k] for k in keys])
+    order = removal_score(scores, separated)
     poisoned = np.array([truth[k] for k in keys])
     label = np.array([labels[k] for k in keys])
-    order = np.argsort(-scores, kind="stable")[:selected]
-    paper_order = np.argsort(-paper, kind="stable")[:selected]
-    return {"auroc": round(auroc(scores, poisoned), 4),
-            "recall_at_10pct": round(float(poisoned[order].sum() / poisoned.sum()), 4),
-            "paper_score_auroc": round(auroc(paper, poisoned), 4),
-            "paper_score_recall_at_10pct": round(float(poisoned[paper_order].sum() / poisoned.sum()), 4),
-            "auroc_per_source_class": auroc_per_source_class(scores, poisoned, label, FASHION_MNIST_CLASSES),
+
+    def recall_of_top(values: np.ndarray) -> float:
+        top = np.argsort(-values, kind="stable")[:len(removed)]
+        return round(float(poisoned[top].sum() / poisoned.sum()), 4)
+
+    return {"auroc": round(auroc(order, poisoned), 4),
+            "recall_at_10pct": round(float(sum(truth[k] for k in removed) / poisoned.sum()), 4),
+            "filter_score_auroc": round(auroc(scores, poisoned), 4), "filter_score_recall_at_10pct":
+            recall_of_top(scores), "paper_score_auroc": round(auroc(paper, poisoned), 4),
+            "paper_score_recall_at_10pct": recall_of_top(paper),
+            "separated_rows": int(separated.sum()), "poisoned_in_separated": int(poisoned[separated].sum()),
+            "auroc_per_source_class": auroc_per_source_class(order, poisoned, label, FASHION_MNIST_CLASSES),
             "n_scored": len(keys), "n_poisoned": int(poisoned.sum())}
 
 
@@ -179,9 +195,10 @@ def run(config: LoopConfig, log=print) -> dict:
     t = time.perf_counter()
     audit = dedefilter("audit", parquet, "--out", work / "audit", "--shards", *urls, "--label-field", "json:label",
                        "--no-report")
-    cleaned_urls, removal = remove_selected(parquet, urls, config.removal_budget, work)
+    cleaned_urls, removal = remove_selected(work / "audit", urls, config.removal_budget, work)
     seconds["audit_select_reshard"] = round(time.perf_counter() - t, 1)
-    detection = detection_metrics(parquet, truth, labels, removal["select"]["selected"])
+    removed = read_selection(work / "remove-keys.txt").keys
+    detection = detection_metrics(parquet, work / "audit", truth, labels, removed)
     log(f"detection: {json.dumps({k: v for k, v in detection.items() if k != 'auroc_per_source_class'})}; "
         f"removal: {json.dumps(removal)}")
 
@@ -203,7 +220,10 @@ def run(config: LoopConfig, log=print) -> dict:
         "removed_share": round(removal["reshard"]["removed"] / len(pairs.keys), 4),
         "asr_after": after["zero_shot_asr"], "acc_after": after["zero_shot_accuracy"],
         "poisoned_pairs_left": remaining, "n_pairs": len(pairs.keys), "n_poisoned": int(poisoned.sum()),
-        "score": "the shipped window-level score, what `dedefilter filter` runs by default",
+        "score": "the removal order of `select --separated --fraction`: the audit's separated collapse regions, "
+                 "then the filter's shipped window-level score",
+        "filter_score_auroc": detection["filter_score_auroc"],
+        "filter_score_recall_at_10pct": detection["filter_score_recall_at_10pct"],
         "paper_score_auroc": detection["paper_score_auroc"],
         "paper_score_recall_at_10pct": detection["paper_score_recall_at_10pct"],
         "detection": detection, "removal": removal, "audit": audit,
@@ -226,15 +246,20 @@ def markdown(r: dict) -> str:
             ("zero-shot ASR, poisoned CLIP", f"{r['asr_before']:.1%}"),
             ("zero-shot accuracy, poisoned CLIP", f"{r['acc_before']:.1%}"),
             ("zero-shot accuracy, CLIP without the poisoned pairs", f"{r['acc_clean_model']:.1%}"),
-            ("AUROC (the shipped score, poisoned CLIP's image tower)", f"{r['auroc']:.3f}"),
-            (f"recall of poisoned pairs, top {c['removal_budget']:.0%} removed", f"{r['recall_at_10pct']:.1%}"),
+            ("AUROC (removal order: separated regions, then the filter's score)", f"{r['auroc']:.3f}"),
+            (f"recall of poisoned pairs, {c['removal_budget']:.0%} removed", f"{r['recall_at_10pct']:.1%}"),
+            ("poisoned pairs in separated regions / rows in them",
+             f"{r['detection']['poisoned_in_separated']} / {r['detection']['separated_rows']}"),
+            ("the filter's score alone: AUROC / recall at the same budget",
+             f"{r['filter_score_auroc']:.3f} / {r['filter_score_recall_at_10pct']:.1%}"),
             ("the paper score alone: AUROC / recall at the same budget",
              f"{r['paper_score_auroc']:.3f} / {r['paper_score_recall_at_10pct']:.1%}"),
             ("share of the corpus removed", f"{r['removed_share']:.1%}"),
             ("poisoned pairs left", str(r["poisoned_pairs_left"])),
             ("zero-shot ASR after retraining on the cleaned shards", f"{r['asr_after']:.1%}"),
             ("zero-shot accuracy after retraining", f"{r['acc_after']:.1%}")]
-    lines = [f"# CLIP poison -> filter -> retrain ({c['n_pairs']} pairs, {r['total_seconds'] / 60:.0f} min)", "",
+    lines = [f"# CLIP poison -> filter -> audit -> retrain ({c['n_pairs']} pairs, seed {c['seed']}, "
+             f"{r['total_seconds'] / 60:.0f} min)", "",
              "| measure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), "",
              f"Linear probe (clean accuracy / ASR): poisoned tower {r['models']['poisoned']['probe']['clean_accuracy']}"
              f" / {r['models']['poisoned']['probe']['asr']}, retrained {r['models']['retrained']['probe']['clean_accuracy']}"
@@ -247,10 +272,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10,000 pairs, 8 CLIP epochs, a smaller DeDe training")
     parser.add_argument("--poison-share", type=float, help="override the share of poisoned pairs")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the CLIP, the poisoned pairs and the captions; not 0: results as NAME-seedN")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else LoopConfig()
     if args.poison_share is not None:
         config = replace(config, poison_share=args.poison_share)
+    if args.seed:
+        config = replace(config, seed=args.seed, work_dir=f"{config.work_dir}-seed{args.seed}",
+                         results_name=f"{config.results_name}-seed{args.seed}")
     run(config)
 
 

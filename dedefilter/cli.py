@@ -359,9 +359,10 @@ def cmd_select(args: argparse.Namespace) -> None:
     from .guard import refuse_overlap
 
     refuse_overlap(args.out, [args.source])
-    selection = select(args.source, args.threshold, args.fraction, args.cluster, args.members)
+    selection = select(args.source, args.threshold, args.fraction, args.cluster, args.members, args.separated)
     selection.provenance["arguments"] = {name: getattr(args, name) for name in
-                                         ("source", "threshold", "fraction", "cluster", "members", "out")}
+                                         ("source", "threshold", "fraction", "cluster", "members", "separated",
+                                          "out")}
     write_selection(selection, args.out)
     print(json.dumps({"selected": len(selection.keys), "out": args.out}))
 
@@ -463,11 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the HTML report (no matplotlib needed)")
     p.set_defaults(run=cmd_audit)
 
-    p = sub.add_parser("select", help="a sorted key list: scores above a threshold, a top fraction, or a cluster")
-    p.add_argument("source", help="a filter's Parquet directory, or an audit folder (for --cluster)")
+    p = sub.add_parser("select", help="a sorted key list: scores above a threshold, a top fraction, a cluster, "
+                                      "or the separated collapse regions")
+    p.add_argument("source", help="a filter's Parquet directory, or an audit folder (for --cluster, --separated)")
     p.add_argument("--out", required=True,
                    help="key list: JSON lines, provenance first, then one JSON string per key (e.g. drop.jsonl)")
-    how = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--separated", action="store_true",
+                   help="every collapse region the rest of the corpus hardly points into (an audit's `separated` "
+                        "column), whole; with --fraction these first, then the highest scores up to the fraction")
+    how = p.add_mutually_exclusive_group()
     how.add_argument("--threshold", type=finite, help="keys with score > threshold")
     how.add_argument("--fraction", type=finite, help="keys of the top fraction of scores (as calibrate cuts)")
     how.add_argument("--cluster", type=count(0), help="keys of an audit cluster")

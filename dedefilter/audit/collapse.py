@@ -15,6 +15,12 @@ share ``v`` of your k neighbours are in the region", for ``v`` in ``votes`` (a n
 the member of the family with the lowest conductance in the kNN graph (the share of the region's edge
 ends that cross its border) among those no bigger than the rest of the corpus. This is a sweep cut,
 as in local graph clustering: the region stops where it is best separated from everything else.
+A region whose conductance is at most ``separated_conductance`` is *separated*: the rest of the corpus
+hardly points into it. A poisoned group with one target is such a group (a CLIP trained on 1%-poisoned
+pairs: every poisoned pair's neighbours were poisoned pairs, conductance 0.0003-0.0017; the demo's
+BadEncoder collapse 0.025), while flagged clean samples sit inside classes that touch others (0.11-1.0).
+``select --separated`` takes these regions whole, before any score: the poisoned pairs that DeDe ranks
+low are in them too. A whole class the detector flags that no other class touches would look the same.
 The sweep also stops at the first level whose added samples score like the corpus (mean score rank
 below ``min_rank``): an attack's unflagged rest scores under the threshold but above clean samples
 (on the demo the accepted levels added samples of mean rank 0.91, 0.84, 0.77; the refused next level,
@@ -209,6 +215,7 @@ class Analysis:
     collapse: np.ndarray  # per row (NaN without embedding)
     cluster: np.ndarray  # per row: id of the flagged cluster it seeds, -1 otherwise
     region: np.ndarray  # per row: id of the collapse region holding it, -1 otherwise
+    separated: np.ndarray  # per row: its region is separated from the rest (conductance <= the config's)
     clusters: list[dict]
     index: dict
 
@@ -267,8 +274,8 @@ def analyse(data: Scan, config: AuditConfig = AuditConfig(), label_code: np.ndar
     per_row = {name: np.full(n, np.nan, np.float32) for name in ("knn_distance", "collapse")}
     cluster_row, region_row = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
     if len(rows) < 2:
-        return Analysis(per_row["knn_distance"], per_row["collapse"], cluster_row, region_row, [],
-                        {"kind": "none", "points": len(rows)})
+        return Analysis(per_row["knn_distance"], per_row["collapse"], cluster_row, region_row,
+                        np.zeros(n, bool), [], {"kind": "none", "points": len(rows)})
     emb = data.embeddings if len(rows) == n else data.embeddings[rows]
     first, group, counts = unique_rows(emb)
     points = emb if len(first) == len(emb) else emb[first]
@@ -295,7 +302,8 @@ def analyse(data: Scan, config: AuditConfig = AuditConfig(), label_code: np.ndar
     for c in range(min(len(ranked), config.max_regions)):
         grown, phi, vote = grow_region(graph, cluster == c, score_rank, config.votes, config.min_rank)
         region[grown & (region == -1)] = c  # a point belongs to the largest cluster whose region holds it
-        details.append({"conductance": round(phi, 4), "vote": vote})
+        details.append({"conductance": round(phi, 4), "vote": vote,
+                        "separated": bool(phi <= config.separated_conductance)})
     cluster_row[rows] = cluster[group]
     region_row[rows] = region[group]
     per_row["knn_distance"][rows] = distance[group]
@@ -305,8 +313,10 @@ def analyse(data: Scan, config: AuditConfig = AuditConfig(), label_code: np.ndar
     unique = np.bincount(cluster[cluster >= 0], minlength=len(ranked))
     for c, info in enumerate(clusters):
         info["unique"] = int(unique[c])
-        info.update(details[c] if c < config.max_regions else {"conductance": None, "vote": None})
+        info.update(details[c] if c < config.max_regions else {"conductance": None, "vote": None, "separated": False})
+    separated_ids = np.flatnonzero([info["separated"] for info in clusters])
+    separated = np.isin(region_row, separated_ids)
     index = {"kind": nb.kind, "recall_at_k": round(nb.recall, 4), "k": int(nb.index.shape[1]),
              "points": len(first), "rows": len(rows), "duplicate_rows": int(len(rows) - len(first)),
              "seeds": int(seeds.sum()), "flagged_points": int(flagged.sum()), **nb.params}
-    return Analysis(per_row["knn_distance"], per_row["collapse"], cluster_row, region_row, clusters, index)
+    return Analysis(per_row["knn_distance"], per_row["collapse"], cluster_row, region_row, separated, clusters, index)

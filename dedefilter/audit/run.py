@@ -75,7 +75,8 @@ def audit(parquet_dir: str | Path, config: AuditConfig = AuditConfig(),
                               strict=True):
             info["example_keys"] = keys
         summary.update(clustering="done", index=analysis.index, clusters=analysis.clusters,
-                       isolated_suspects=int((data.suspect & (analysis.cluster == -1) & data.has_embedding).sum()))
+                       isolated_suspects=int((data.suspect & (analysis.cluster == -1) & data.has_embedding).sum()),
+                       separated_rows=int(analysis.separated.sum()))
     return AuditResult(summary, data, analysis, label_code, label_names)
 
 
@@ -87,7 +88,7 @@ def write_json(path: Path, value: dict) -> None:
 
 
 def write_audit(result: AuditResult, out_dir: str | Path, row_group: int = 262_144) -> Path:
-    """``summary.json`` and ``samples.parquet`` (a row per sample: score, collapse, cluster, region)."""
+    """``summary.json`` and ``samples.parquet`` (a row per sample: score, collapse, cluster, region, separated)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", result.summary)
@@ -99,7 +100,7 @@ def write_audit(result: AuditResult, out_dir: str | Path, row_group: int = 262_1
     if a is not None:
         columns.update(knn_distance=pa.array(a.knn_distance, from_pandas=True),
                        collapse=pa.array(a.collapse, from_pandas=True),
-                       cluster=pa.array(a.cluster), region=pa.array(a.region))
+                       cluster=pa.array(a.cluster), region=pa.array(a.region), separated=pa.array(a.separated))
     provenance = {"scores": str(Path(result.summary["parquet"]).resolve()), "model_ids": data.model_ids}
     table = pa.table(columns).replace_schema_metadata({"dedefilter_audit": json.dumps(provenance)})
     temp = out / f".{SAMPLES_FILE}.tmp-{os.getpid()}"

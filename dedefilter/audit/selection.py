@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -42,37 +44,65 @@ def model_ids(dataset: ds.Dataset) -> list[str]:
     return json.loads(stored).get("model_ids", []) if stored else []
 
 
+def removal_score(score: np.ndarray, separated: np.ndarray) -> np.ndarray:
+    """The order ``select --separated`` removes in, as one score: rows of a separated collapse region
+    (collapse.py) above every other row, each group in its own score order (ties stay ties)."""
+    lift = np.nanmax(score) - np.nanmin(score) + 1 if len(score) else 0
+    return np.where(separated, score + lift, score)
+
+
 def select(path: str | Path, threshold: float | None = None, fraction: float | None = None,
-           cluster: int | None = None, members: str = "region") -> Selection:
+           cluster: int | None = None, members: str = "region", separated: bool = False) -> Selection:
     """Keys to drop, sorted, with provenance: scores above ``threshold``, the top ``fraction``, or one cluster.
 
-    ``path`` is a filter's Parquet directory or an audit directory (needed for ``cluster``);
+    ``path`` is a filter's Parquet directory or an audit directory (needed for ``cluster`` and ``separated``);
     ``members`` = ``region`` (the cluster's whole collapse region) or ``flagged`` (its flagged seeds).
+    ``separated`` adds every separated collapse region: alone, those regions; with ``threshold``, their rows
+    and the scores above it; with ``fraction``, those regions first, then the highest scores, the whole
+    at most ``fraction`` of the rows unless the regions alone are more.
     """
     given = {name: v for name, v in (("threshold", threshold), ("fraction", fraction), ("cluster", cluster))
              if v is not None}
-    if len(given) != 1:
-        raise ValueError(f"select by exactly one of threshold, fraction or cluster (got {list(given) or 'none'})")
+    if len(given) > 1 or not (given or separated):
+        raise ValueError(f"select by exactly one of threshold, fraction or cluster, or by separated regions "
+                         f"(got {list(given) or 'none'})")
+    if separated and cluster is not None:
+        raise ValueError("separated regions are selected whole: combine them with a threshold or a fraction, "
+                         "not a cluster")
     if threshold is not None and not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold} (NaN would select nothing)")
     dataset = open_scores(path)
     criterion = dict(given)
-    if cluster is not None:
-        column = MEMBERS.get(members)
-        if column is None:
+    needed = [MEMBERS.get(members)] if cluster is not None else ["separated"] if separated else []
+    if needed and needed[0] not in dataset.schema.names:
+        if needed[0] is None:
             raise ValueError(f"members must be 'region' or 'flagged', not {members!r}")
-        if column not in dataset.schema.names:
-            raise ValueError(f"{path} holds no clusters: select a cluster from an audit directory "
-                             "(`dedefilter audit` on scores made with `filter --embeddings`)")
-        keys = dataset.to_table(columns=["key"], filter=ds.field(column) == cluster)["key"].to_pylist()
+        raise ValueError(f"{path} holds no clusters: select a cluster or separated regions from an audit "
+                         "directory (`dedefilter audit` on scores made with `filter --embeddings`)")
+    if cluster is not None:
+        keys = dataset.to_table(columns=["key"], filter=ds.field(needed[0]) == cluster)["key"].to_pylist()
         criterion["members"] = members
     else:
+        criterion["separated"] = separated
+        finite = pc.is_finite(ds.field("score"))
         if fraction is not None:
-            scores = dataset.to_table(columns=["score"], filter=pc.is_finite(ds.field("score")))["score"]
-            threshold = upper_quantile(scores.to_numpy(), fraction)  # where `calibrate --contamination` cuts
+            table = dataset.to_table(columns=["score", *needed], filter=finite)
+            scores = table["score"].to_numpy()
+            if separated:
+                scores = removal_score(scores, table["separated"].to_numpy())
+            threshold = upper_quantile(scores, fraction)  # where `calibrate --contamination` cuts
             criterion["threshold"] = threshold
-        keys = [k for batch in dataset.to_batches(columns=["key"], filter=ds.field("score") > threshold)
-                for k in batch.column("key").to_pylist()]
+        keys = []
+        for batch in dataset.to_batches(columns=["key", "score", *needed], filter=finite if fraction else None):
+            if fraction is not None and separated:
+                chosen = removal_score(batch.column("score").to_numpy(zero_copy_only=False),
+                                       batch.column("separated").to_numpy(zero_copy_only=False)) > threshold
+            else:
+                chosen = np.zeros(batch.num_rows, bool) if threshold is None else \
+                    pc.fill_null(pc.greater(batch.column("score"), threshold), False).to_numpy(zero_copy_only=False)
+                if separated:
+                    chosen |= batch.column("separated").to_numpy(zero_copy_only=False)
+            keys += batch.column("key").filter(pa.array(chosen)).to_pylist()
     if any(k is None for k in keys):
         keys = [k for k in keys if k is not None]  # a shard that could not be opened has no key to drop
     provenance = {"format": KEY_LIST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -82,9 +112,9 @@ def select(path: str | Path, threshold: float | None = None, fraction: float | N
 
 
 def select_keys(path: str | Path, threshold: float | None = None, fraction: float | None = None,
-                cluster: int | None = None, members: str = "region") -> list[str]:
+                cluster: int | None = None, members: str = "region", separated: bool = False) -> list[str]:
     """``select(...).keys``: the sorted key list alone."""
-    return select(path, threshold, fraction, cluster, members).keys
+    return select(path, threshold, fraction, cluster, members, separated).keys
 
 
 def write_selection(selection: Selection, path: str | Path) -> Path:
