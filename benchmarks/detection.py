@@ -18,7 +18,9 @@ Per attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.regis
   (paper scores, embeddings, residuals); each stream is assembled from those arrays, and
   ``paper`` is its paper score, ``shipped`` :func:`dedefilter.window.score_windows` with the default
   :class:`~dedefilter.window.WindowRule` (with the collapse shift calibration set) over its windows: what
-  ``filter`` runs with a detector calibrated by ``calibrate`` (default ``--window 1000``).
+  ``filter`` runs with a detector calibrated by ``calibrate`` (default ``--window 1000``); ``audit`` the
+  order ``dedefilter audit`` + ``select --separated`` removes in over the whole stream (its separated
+  collapse regions first, then the shipped score; flags at the shipped threshold).
 - Detectors (the paper's DeDe config, as the demo trains it): in-distribution clean, in-distribution 1%
   poisoned, class-disjoint (the target class and four others), OOD photo patches, and ``self``: a sample of
   the 1%-share stream itself (scored on every share, trained at 1%).
@@ -54,6 +56,7 @@ import torch
 
 from dedefilter.attacks.registry import ATTACKS, PRETRAIN, PROBE_TRAIN, load_or_train
 from dedefilter.attacks.triggers import poison
+from dedefilter.audit import Scan, analyse, removal_score
 from dedefilter.calibration import for_contamination, for_false_positive_rate, upper_quantile
 from dedefilter.config import DeDeConfig
 from dedefilter.data import FASHION_MNIST_CLASSES, fashion_mnist, photo_patches
@@ -70,7 +73,7 @@ from . import detection_methods as methods
 SHARES = (0.001, 0.005, 0.01, 0.03, 0.18)
 AUX_MODES = ("id-clean", "id-poisoned-1%", "class-disjoint", "ood-photos", "self")
 BASELINES = ("l2-norm", "knn-density", "mask-consistency", "knn-sparsity")
-METHODS = ("paper", "shipped", *BASELINES)
+METHODS = ("paper", "shipped", "audit", *BASELINES)
 SPARSITY_K = 16  # Huang et al.'s k
 MIN_ASR = 0.8  # an attack that does not work is not a test of a detector: listed, not evaluated
 # The working attacks, encoders committed in benchmarks/attacks, in the order the full run takes them.
@@ -230,6 +233,14 @@ def cell_metrics(scores: np.ndarray, threshold: float, stream: Stream, predicted
             "dropped_clean": after["dropped_clean"], "n_triggered": int(positive.sum())}
 
 
+def audited(scores: np.ndarray, threshold: float, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``dedefilter audit`` over the whole stream's scores and embeddings: (the order ``select --separated``
+    removes in, the separated collapse regions first, then the shipped score; the separated rows)."""
+    scan = Scan.from_arrays([str(i) for i in range(len(scores))], scores, threshold, embeddings)
+    separated = analyse(scan).separated
+    return removal_score(scores, separated), separated
+
+
 def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[str, np.ndarray] | None,
                   streams: list[Stream], baselines: dict[tuple[str, float], dict[str, np.ndarray]],
                   predicted: np.ndarray, target: int, rule: WindowRule, config: BenchConfig) -> list[dict]:
@@ -251,9 +262,11 @@ def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[st
         else:
             calibrated = {method: reference[method] for method in ("shipped", "paper")}
         tuned = calibrated["shipped"][1]  # the rule with the collapse shift calibration set
+        calibrated["audit"] = calibrated["shipped"]  # the audit reads the filter's flags
         window = score_windows(scored.scores[r], scored.embeddings[r], scored.residuals[r], tuned)
         scores = {"paper": scored.scores[r].astype(np.float64), "shipped": window.score.astype(np.float64),
                   **baselines[stream.kind, stream.share]}
+        scores["audit"], separated = audited(scores["shipped"], calibrated["shipped"][0].value, scored.embeddings[r])
         for method in METHODS:
             s = scores[method]
             if method in calibrated:
@@ -266,6 +279,9 @@ def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[st
             if method == "shipped":
                 row["collapsed_windows"] = int(window.collapse[::rule.size].sum())
                 row["collapse_shift"] = tuned.collapse_shift
+            if method == "audit":
+                row["separated_rows"] = int(separated.sum())
+                row["separated_triggered"] = int((separated & stream.triggered).sum())
             if aux == "self":
                 row["self_trained_at"] = config.self_share
             rows.append(row)
@@ -459,6 +475,7 @@ def markdown(report: dict) -> str:
         lines.append("")
 
     table("AUROC: shipped / paper", ("auroc",))
+    table("AUROC: audit (separated regions, then shipped) / shipped", ("auroc",), ("audit", "shipped"))
     table("TPR at 1% FPR: shipped / paper", ("tpr_at_1fpr",))
     table("Recall at a 10% removal budget: shipped / paper", ("recall_at_10pct",))
     table("ASR after filtering at the threshold: shipped / paper (ASR before: see the JSON)", ("asr_after",))
@@ -466,8 +483,8 @@ def markdown(report: dict) -> str:
               "| attack | method | " + " | ".join(pct(s) for s in shares) + " |", "|---|---|" + "---|" * len(shares)]
     for name in attacks:
         aux = next((a for a in config["aux_modes"] if stream_kind(a) == "all"), None)
-        for method in ("shipped", "paper", *BASELINES):
-            label = f"{method} ({aux})" if method in ("shipped", "paper") else method
+        for method in ("shipped", "audit", "paper", *BASELINES):
+            label = f"{method} ({aux})" if method in ("shipped", "audit", "paper") else method
             cells = [f"{index[name, aux, s, method]['auroc']:.3f}" if (name, aux, s, method) in index else "-"
                      for s in shares]
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")

@@ -90,7 +90,9 @@ def test_planted_collapse_is_found_ranked_first_and_grown_to_its_unflagged_rest(
     assert clusters[0]["size"] == 24 and clusters[0]["nearest_class"] == "B"
     assert set(keys[a.cluster == 0]) == {f"planted-{i:02d}" for i in range(24)}
     assert set(keys[a.region == 0]) == {f"planted-{i:02d}" for i in range(40)}  # the 16 unflagged joined
-    assert clusters[0]["conductance"] < 0.05
+    assert clusters[0]["conductance"] < 0.05 and clusters[0]["separated"] and not clusters[1]["separated"]
+    assert set(keys[a.separated]) == {f"planted-{i:02d}" for i in range(40)}
+    assert result.summary["separated_rows"] == 40
     # the 6 copies: one point, one cluster of 6 rows, 5 of its 10 nearest rows are its flagged copies
     assert (clusters[1]["size"], clusters[1]["unique"]) == (6, 1)
     assert result.summary["index"]["duplicate_rows"] == 5
@@ -133,10 +135,34 @@ def test_selection_by_threshold_fraction_or_cluster(planted, tmp_path):
     assert select_keys(scores, fraction=30 / 446) == sorted(f"planted-{i:02d}" for i in range(24))
     assert select_keys(tmp_path / "audit", cluster=0) == [f"planted-{i:02d}" for i in range(40)]
     assert select_keys(tmp_path / "audit", cluster=0, members="flagged") == [f"planted-{i:02d}" for i in range(24)]
+    # separated regions whole (the planted one); with a fraction, they come before every score
+    planted_keys = [f"planted-{i:02d}" for i in range(40)]
+    assert select_keys(tmp_path / "audit", separated=True) == planted_keys
+    assert select_keys(tmp_path / "audit", fraction=52 / 446, separated=True) == sorted(planted_keys + [
+        *false_positives])  # room for 52: the 40, then the ten at 0.8; the six copies at 0.7 would overflow it
+    assert select_keys(tmp_path / "audit", threshold=0.75, separated=True) == sorted(planted_keys + [*false_positives])
+    with pytest.raises(ValueError, match="no clusters"):
+        select_keys(scores, separated=True)
     with pytest.raises(ValueError, match="exactly one"):
         select_keys(scores, threshold=0.5, fraction=0.1)
     with pytest.raises(ValueError, match="no clusters"):
         select_keys(scores, cluster=0)
+
+
+def test_an_attacks_collapse_is_separated_from_the_corpus_and_a_hard_class_tail_is_not():
+    """Why `select --separated` may take a region whole: the rest of the corpus hardly points into an
+    attack's collapse, while flagged clean samples sit inside classes that touch others."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (300, 16)), rng.normal(0, 1, (300, 16)) + np.r_[3, np.zeros(15)]  # touching classes
+    collapse = np.r_[8, np.zeros(15)] + rng.normal(0, 0.1, (30, 16))  # 30 images sent to one place
+    x = np.concatenate([a, b, collapse]).astype(np.float32)
+    scores = np.r_[rng.uniform(0, 0.4, 600), np.full(30, 0.9)]
+    scores[np.argsort(-a[:, 0])[:45]] = 0.9  # the 45 images of class A nearest to B: a hard tail, flagged
+    keys = [f"clean-{i}" for i in range(600)] + [f"attack-{i}" for i in range(30)]
+    analysis = analyse(Scan.from_arrays(keys, scores, 0.5, x))
+    assert [c["separated"] for c in analysis.clusters] == [True, False, False]
+    assert analysis.clusters[0]["conductance"] <= AuditConfig().separated_conductance < analysis.clusters[1]["conductance"]
+    assert np.array(keys)[analysis.separated].tolist() == keys[600:]
 
 
 def test_select_command_refuses_two_criteria(planted, tmp_path, capsys):

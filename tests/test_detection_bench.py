@@ -123,6 +123,9 @@ def test_detector_rows_score_every_stream_from_one_pool_scoring():
     assert by[0.18, "paper"]["recall_at_2pct"] == pytest.approx(20 / 180, abs=0.01)  # a 2% budget holds 20 of 180
     assert by[0.18, "paper"]["recall_at_10pct"] == pytest.approx(100 / 180, abs=0.01)
     assert by[0.18, "knn-density"]["auroc"] > 0.99  # the planted group is dense in every window
+    # the audit over the whole stream takes the planted group whole once it outnumbers the neighbours looked at
+    assert by[0.18, "audit"]["separated_triggered"] == by[0.18, "audit"]["separated_rows"] == 180
+    assert by[0.01, "audit"]["separated_rows"] == 0  # 10 images: each has a clean one among its 10 neighbours
 
     self_rows = detector_rows("toy", "self", scored, None, streams, baselines, predicted, 1, rule, config)
     assert len(self_rows) == len(rows) and all(r["self_trained_at"] == 0.01 for r in self_rows)

@@ -39,6 +39,9 @@ TERMS = {
               "just under the threshold): the attack's images the threshold missed.",
     "conductance": "the share of the region's neighbour links that leave it: near 0 means well separated from "
                    "the rest of the data, near 1 means it blends in.",
+    "separated": "a region with conductance at most separated_conductance (0.05): the rest of the corpus hardly "
+                 "points into it, as into an attack's collapse. `dedefilter select AUDIT --separated` takes these "
+                 "regions whole (with --fraction, before any score).",
     "nearest class": "the class whose clean samples' mean embedding lies closest to the cluster's: the class "
                      "the attack points to (its target).",
 }
@@ -226,15 +229,15 @@ def write_report(result: AuditResult, out_dir: str | Path, shard_urls: list[str]
         parts.append(f"<p>Class names: {html.escape(s['class_names'])}</p>")
     if "index" in s:
         parts += [_table([{**s["index"], "isolated_suspects": s["isolated_suspects"],
-                           "clusters": len(s["clusters"])}],
-                         list(s["index"]) + ["isolated_suspects", "clusters"])]
+                           "separated_rows": s.get("separated_rows"), "clusters": len(s["clusters"])}],
+                         list(s["index"]) + ["isolated_suspects", "separated_rows", "clusters"])]
     parts += ["<h2>Scores</h2>", img("scores"), img("threshold_curve"),
               _table(s["sensitivity"]["fractions"], ["fraction", "threshold", "dropped"])]
     if "thresholds" in s["sensitivity"]:
         parts.append(_table(s["sensitivity"]["thresholds"], ["factor", "threshold", "dropped"]))
     if "clusters" in s:
         columns = ["id", "size", "mean_score", "mean_collapse", "region_size", "region_flagged", "conductance",
-                   "nearest_class", "member_labels"]
+                   "separated", "nearest_class", "member_labels"]
         parts += ["<h2>Flagged clusters</h2>",
                   ("<p>Clusters of flagged samples whose neighbourhoods are mostly flagged (collapse), largest "
                    "first; the region adds unflagged samples inside the same collapse. Low conductance = well "

@@ -83,7 +83,8 @@ def select(path: str | Path, threshold: float | None = None, fraction: float | N
         keys = dataset.to_table(columns=["key"], filter=ds.field(needed[0]) == cluster)["key"].to_pylist()
         criterion["members"] = members
     else:
-        criterion["separated"] = separated
+        if separated:
+            criterion["separated"] = True
         finite = pc.is_finite(ds.field("score"))
         if fraction is not None:
             table = dataset.to_table(columns=["score", *needed], filter=finite)
