@@ -258,13 +258,13 @@ def markdown(r: dict) -> str:
             ("poisoned pairs left", str(r["poisoned_pairs_left"])),
             ("zero-shot ASR after retraining on the cleaned shards", f"{r['asr_after']:.1%}"),
             ("zero-shot accuracy after retraining", f"{r['acc_after']:.1%}")]
+    probes = {"poisoned tower": r["models"]["poisoned"]["probe"], "retrained": r["models"]["retrained"]["probe"],
+              "random init": r["models"]["random_init_probe"]}
     lines = [f"# CLIP poison -> filter -> audit -> retrain ({c['n_pairs']} pairs, seed {c['seed']}, "
              f"{r['total_seconds'] / 60:.0f} min)", "",
              "| measure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows), "",
-             f"Linear probe (clean accuracy / ASR): poisoned tower {r['models']['poisoned']['probe']['clean_accuracy']}"
-             f" / {r['models']['poisoned']['probe']['asr']}, retrained {r['models']['retrained']['probe']['clean_accuracy']}"
-             f" / {r['models']['retrained']['probe']['asr']}, random init {r['models']['random_init_probe']['clean_accuracy']}"
-             f" / {r['models']['random_init_probe']['asr']}.", ""]
+             "Linear probe (clean accuracy / ASR): " + ", ".join(
+                 f"{label} {probe['clean_accuracy']} / {probe['asr']}" for label, probe in probes.items()) + ".", ""]
     return "\n".join(lines)
 
 

@@ -161,7 +161,8 @@ def test_an_attacks_collapse_is_separated_from_the_corpus_and_a_hard_class_tail_
     keys = [f"clean-{i}" for i in range(600)] + [f"attack-{i}" for i in range(30)]
     analysis = analyse(Scan.from_arrays(keys, scores, 0.5, x))
     assert [c["separated"] for c in analysis.clusters] == [True, False, False]
-    assert analysis.clusters[0]["conductance"] <= AuditConfig().separated_conductance < analysis.clusters[1]["conductance"]
+    conductance = [c["conductance"] for c in analysis.clusters]
+    assert conductance[0] <= AuditConfig().separated_conductance < conductance[1]
     assert np.array(keys)[analysis.separated].tolist() == keys[600:]
 
 

@@ -13,36 +13,12 @@ noise, which class do they point to, which keys to drop. One module per job:
 * ``report`` — the audit as one HTML page (matplotlib, extra ``report``; import it explicitly).
 """
 
-from .collapse import (
-                        Analysis,
-                        Graph,
-                        Neighbours,
-                        analyse,
-                        grow_region,
-                        neighbourhood_scores,
-                        neighbours,
-                        unique_rows,
-)
+from .collapse import Analysis, Graph, Neighbours, analyse, grow_region, neighbourhood_scores, neighbours, unique_rows
 from .config import AuditConfig
-from .labels import (
-                        class_names,
-                        encode_labels,
-                        guess_class_names,
-                        labels_from_file,
-                        labels_from_shards,
-                        name_classes,
-)
+from .labels import class_names, encode_labels, guess_class_names, labels_from_file, labels_from_shards, name_classes
 from .run import AuditResult, audit, write_audit
 from .scores import SAMPLES_FILE, STATUSES, Scan, open_scores, scan, score_files
-from .selection import (
-                        KEY_LIST_FORMAT,
-                        Selection,
-                        read_selection,
-                        removal_score,
-                        select,
-                        select_keys,
-                        write_selection,
-)
+from .selection import KEY_LIST_FORMAT, Selection, read_selection, removal_score, select, select_keys, write_selection
 from .stats import drops_above, statistics
 
 __all__ = [

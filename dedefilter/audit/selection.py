@@ -85,25 +85,20 @@ def select(path: str | Path, threshold: float | None = None, fraction: float | N
     else:
         if separated:
             criterion["separated"] = True
-        finite = pc.is_finite(ds.field("score"))
         if fraction is not None:
-            table = dataset.to_table(columns=["score", *needed], filter=finite)
+            table = dataset.to_table(columns=["key", "score", *needed], filter=pc.is_finite(ds.field("score")))
             scores = table["score"].to_numpy()
-            if separated:
+            if separated:  # one lift for the whole table, so that the cut means the same in every row
                 scores = removal_score(scores, table["separated"].to_numpy())
             threshold = upper_quantile(scores, fraction)  # where `calibrate --contamination` cuts
             criterion["threshold"] = threshold
-        keys = []
-        for batch in dataset.to_batches(columns=["key", "score", *needed], filter=finite if fraction else None):
-            if fraction is not None and separated:
-                chosen = removal_score(batch.column("score").to_numpy(zero_copy_only=False),
-                                       batch.column("separated").to_numpy(zero_copy_only=False)) > threshold
-            else:
-                chosen = np.zeros(batch.num_rows, bool) if threshold is None else \
-                    pc.fill_null(pc.greater(batch.column("score"), threshold), False).to_numpy(zero_copy_only=False)
-                if separated:
-                    chosen |= batch.column("separated").to_numpy(zero_copy_only=False)
-            keys += batch.column("key").filter(pa.array(chosen)).to_pylist()
+            keys = table["key"].filter(pa.array(scores > threshold)).to_pylist()
+        else:
+            chosen = None if threshold is None else ds.field("score") > threshold
+            if separated:
+                chosen = ds.field("separated") if chosen is None else chosen | ds.field("separated")
+            keys = [k for batch in dataset.to_batches(columns=["key"], filter=chosen)
+                    for k in batch.column("key").to_pylist()]
     if any(k is None for k in keys):
         keys = [k for k in keys if k is not None]  # a shard that could not be opened has no key to drop
     provenance = {"format": KEY_LIST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
