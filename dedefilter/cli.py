@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key list: JSON lines, provenance first, then one JSON string per key (e.g. drop.jsonl)")
     p.add_argument("--separated", action="store_true",
                    help="every collapse region the rest of the corpus hardly points into (an audit's `separated` "
-                        "column), whole; with --fraction these first, then the highest scores up to the fraction")
+                        "column); with --fraction these first, then the highest scores, at most the fraction in all")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--threshold", type=finite, help="keys with score > threshold")
     how.add_argument("--fraction", type=finite, help="keys of the top fraction of scores (as calibrate cuts)")

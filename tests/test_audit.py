@@ -141,6 +141,8 @@ def test_selection_by_threshold_fraction_or_cluster(planted, tmp_path):
     assert select_keys(tmp_path / "audit", fraction=52 / 446, separated=True) == sorted(planted_keys + [
         *false_positives])  # room for 52: the 40, then the ten at 0.8; the six copies at 0.7 would overflow it
     assert select_keys(tmp_path / "audit", threshold=0.75, separated=True) == sorted(planted_keys + [*false_positives])
+    # a budget smaller than the regions: at most the fraction still, the regions' own highest scores first
+    assert select_keys(tmp_path / "audit", fraction=30 / 446, separated=True) == planted_keys[:24]
     with pytest.raises(ValueError, match="no clusters"):
         select_keys(scores, separated=True)
     with pytest.raises(ValueError, match="exactly one"):

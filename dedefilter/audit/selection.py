@@ -58,8 +58,8 @@ def select(path: str | Path, threshold: float | None = None, fraction: float | N
     ``path`` is a filter's Parquet directory or an audit directory (needed for ``cluster`` and ``separated``);
     ``members`` = ``region`` (the cluster's whole collapse region) or ``flagged`` (its flagged seeds).
     ``separated`` adds every separated collapse region: alone, those regions; with ``threshold``, their rows
-    and the scores above it; with ``fraction``, those regions first, then the highest scores, the whole
-    at most ``fraction`` of the rows unless the regions alone are more.
+    and the scores above it; with ``fraction``, at most that fraction of the rows, the regions first (by
+    their own scores if they alone are more), then the highest other scores.
     """
     given = {name: v for name, v in (("threshold", threshold), ("fraction", fraction), ("cluster", cluster))
              if v is not None}
