@@ -429,12 +429,14 @@ def run_attack(name: str, config: BenchConfig, parts: Path, log=print) -> None:
 
 
 def saved_part(parts: Path, name: str, config: BenchConfig) -> dict | None:
-    """The attack's saved part if it was made with these settings."""
+    """The attack's saved part if it was made with these settings and has a row for every method."""
     path = parts / f"{name}.json"
     if not path.exists():
         return None
     part = json.loads(path.read_text())
-    return part if part.get("settings") == json.loads(json.dumps(result_settings(config))) else None
+    methods_in = {row["method"] for row in part["rows"] or []}
+    complete = part["rows"] is None or methods_in >= set(METHODS)
+    return part if complete and part.get("settings") == json.loads(json.dumps(result_settings(config))) else None
 
 
 def pct(share: float) -> str:
