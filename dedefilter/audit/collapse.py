@@ -15,12 +15,14 @@ share ``v`` of your k neighbours are in the region", for ``v`` in ``votes`` (a n
 the member of the family with the lowest conductance in the kNN graph (the share of the region's edge
 ends that cross its border) among those no bigger than the rest of the corpus. This is a sweep cut,
 as in local graph clustering: the region stops where it is best separated from everything else.
-A region whose conductance is at most ``separated_conductance`` is *separated*: the rest of the corpus
-hardly points into it. A poisoned group with one target is such a group (a CLIP trained on 1%-poisoned
-pairs: every poisoned pair's neighbours were poisoned pairs, conductance 0.0003-0.0017; the demo's
-BadEncoder collapse 0.025), while flagged clean samples sit inside classes that touch others (0.11-1.0).
+A region is *separated* when the rest of the corpus hardly points into it (conductance at most
+``separated_conductance``) and it holds flagged samples at ``separated_enrichment`` times the corpus's
+rate or more. A poisoned group with one target is such a group (CLIPs trained on 1%-poisoned pairs:
+every poisoned pair's neighbours were poisoned pairs; regions 0.0003-0.003, 3.7-4.8x the flag rate;
+the demo's BadEncoder collapse 0.025, 16x); flagged clean samples sit inside classes that touch others
+(0.07-1.0), or in a sub-class apart from the rest but flagged at about the corpus's rate (0.042, 1.3x).
 ``select --separated`` takes these regions whole, before any score: the poisoned pairs that DeDe ranks
-low are in them too. A whole class the detector flags that no other class touches would look the same.
+low are in them too. A whole class the detector flags, apart from every other class, would look the same.
 The sweep also stops at the first level whose added samples score like the corpus (mean score rank
 below ``min_rank``): an attack's unflagged rest scores under the threshold but above clean samples
 (on the demo the accepted levels added samples of mean rank 0.91, 0.84, 0.77; the refused next level,
@@ -131,7 +133,12 @@ def neighbourhood_scores(nb: Neighbours, flagged: np.ndarray, counts: np.ndarray
 
 
 def seed_clusters(nb: Neighbours, seeds: np.ndarray) -> np.ndarray:
-    """Connected components of the kNN graph among seed points; -1 for non-seeds, ids unranked."""
+    """Connected components of the mutual kNN graph among seed points; -1 for non-seeds, ids unranked.
+
+    Mutual links only (each point among the other's k nearest): one-way links from the edge of a crowd
+    of flagged clean images into an attack's group would merge the two into one cluster (a CLIP loop's
+    poisoned pairs joined 1,462 flagged clean pairs that way, and their region blended in).
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -139,8 +146,8 @@ def seed_clusters(nb: Neighbours, seeds: np.ndarray) -> np.ndarray:
     rows = np.repeat(np.arange(n), k)
     cols = nb.index.ravel()
     keep = seeds[rows] & seeds[cols]
-    graph = coo_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
+    graph = coo_matrix((np.ones(keep.sum(), np.int8), (rows[keep], cols[keep])), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph.multiply(graph.T), directed=False)
     return np.where(seeds, labels, -1)
 
 
@@ -299,11 +306,14 @@ def analyse(data: Scan, config: AuditConfig = AuditConfig(), label_code: np.ndar
     graph = Graph(nb.index) if len(ranked) else None
     region = np.full(len(first), -1, np.int32)
     details = []
+    flag_rate = (counts * flagged).sum() / counts.sum()
     for c in range(min(len(ranked), config.max_regions)):
         grown, phi, vote = grow_region(graph, cluster == c, score_rank, config.votes, config.min_rank)
         region[grown & (region == -1)] = c  # a point belongs to the largest cluster whose region holds it
-        details.append({"conductance": round(phi, 4), "vote": vote,
-                        "separated": bool(phi <= config.separated_conductance)})
+        enrichment = (counts[grown] * flagged[grown]).sum() / counts[grown].sum() / flag_rate
+        details.append({"conductance": round(phi, 4), "vote": vote, "flag_enrichment": round(float(enrichment), 2),
+                        "separated": bool(phi <= config.separated_conductance
+                                          and enrichment >= config.separated_enrichment)})
     cluster_row[rows] = cluster[group]
     region_row[rows] = region[group]
     per_row["knn_distance"][rows] = distance[group]
@@ -313,7 +323,8 @@ def analyse(data: Scan, config: AuditConfig = AuditConfig(), label_code: np.ndar
     unique = np.bincount(cluster[cluster >= 0], minlength=len(ranked))
     for c, info in enumerate(clusters):
         info["unique"] = int(unique[c])
-        info.update(details[c] if c < config.max_regions else {"conductance": None, "vote": None, "separated": False})
+        info.update(details[c] if c < config.max_regions else {"conductance": None, "vote": None,
+                                                               "flag_enrichment": None, "separated": False})
     separated_ids = np.flatnonzero([info["separated"] for info in clusters])
     separated = np.isin(region_row, separated_ids)
     index = {"kind": nb.kind, "recall_at_k": round(nb.recall, 4), "k": int(nb.index.shape[1]),
