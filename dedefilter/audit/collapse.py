@@ -7,7 +7,7 @@ samples of an attack *collapse* together, while false positives are scattered. P
 * ``collapse`` — the share of those k rows that are flagged (suspect). An isolated high score has
   collapse near 0; a flagged sample inside an attack's collapse has collapse near 1.
 
-Flagged samples with ``collapse >= min_collapse`` seed clusters: connected components of the kNN
+Flagged samples with ``collapse >= min_collapse`` seed clusters: connected components of the mutual kNN
 graph among seeds, ranked by size (id 0 = largest). DeDe flags only part of an attack (the demo's
 1%-FPR threshold catches ~65% of triggered images), but the unflagged triggered images sit in the same
 region. So each cluster grows into its *collapse region*: the closure under "join when at least a
