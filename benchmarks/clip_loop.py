@@ -271,13 +271,15 @@ def markdown(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10,000 pairs, 8 CLIP epochs, a smaller DeDe training")
-    parser.add_argument("--poison-share", type=float, help="override the share of poisoned pairs")
+    parser.add_argument("--poison-share", type=float,
+                        help="override the share of poisoned pairs; results as NAME-pSHARE (e.g. -p0.005)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the CLIP, the poisoned pairs and the captions; not 0: results as NAME-seedN")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else LoopConfig()
     if args.poison_share is not None:
-        config = replace(config, poison_share=args.poison_share)
+        config = replace(config, poison_share=args.poison_share, work_dir=f"{config.work_dir}-p{args.poison_share:g}",
+                         results_name=f"{config.results_name}-p{args.poison_share:g}")
     if args.seed:
         config = replace(config, seed=args.seed, work_dir=f"{config.work_dir}-seed{args.seed}",
                          results_name=f"{config.results_name}-seed{args.seed}")
