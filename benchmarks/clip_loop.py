@@ -278,12 +278,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = QUICK if args.quick else LoopConfig()
     if args.poison_share is not None:
-        config = replace(config, poison_share=args.poison_share, work_dir=f"{config.work_dir}-p{args.poison_share:g}",
-                         results_name=f"{config.results_name}-p{args.poison_share:g}")
+        config = suffixed(replace(config, poison_share=args.poison_share), f"p{args.poison_share:g}")
     if args.seed:
-        config = replace(config, seed=args.seed, work_dir=f"{config.work_dir}-seed{args.seed}",
-                         results_name=f"{config.results_name}-seed{args.seed}")
+        config = suffixed(replace(config, seed=args.seed), f"seed{args.seed}")
     run(config)
+
+
+def suffixed(config: LoopConfig, suffix: str) -> LoopConfig:
+    """A run off the defaults keeps its own work folder and results (NAME-suffix), never the default's."""
+    return replace(config, work_dir=f"{config.work_dir}-{suffix}", results_name=f"{config.results_name}-{suffix}")
 
 
 if __name__ == "__main__":
