@@ -4,8 +4,8 @@ Fashion-MNIST test images 0.1% to 18% triggered, with five kinds of auxiliary da
     python -m benchmarks.detection [--quick] [--device cuda] [--attacks NAME ...] [--fresh]
     python -m benchmarks.detection --heldout      # the held-out attack, once, after every choice is frozen
     python -m benchmarks.detection --assemble     # only write the report from the saved per-attack parts
-    python -m benchmarks.detection --stream-seed 1 --aux id-clean id-poisoned-1% class-disjoint ood-photos \
-        --attacks ... --results benchmarks/results/detection-heldout-streams   # streams no rule was tuned on
+    python -m benchmarks.detection --stream-seed 2 --aux id-clean id-poisoned-1% class-disjoint ood-photos \
+        --attacks ... --results benchmarks/results/detection-heldout-streams-seed2   # streams no rule was tuned on
 
 Per attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.registry``):
 
@@ -35,8 +35,8 @@ Per attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.regis
   success rate (ASR) on the stream before and after dropping each method's suspects.
 
 One row per (attack, share, aux, method) in ``"sweep"`` of ``benchmarks/results/detection.json``. Each attack
-is saved as a part when it finishes; a rerun skips attacks whose part was made with the same settings, and
-the report is assembled from the parts.
+is saved as a part when it finishes; a rerun skips attacks whose part was made with the same settings and
+window rule, and the report is assembled from the parts.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class BenchConfig:
     target_fpr: float = 0.01  # thresholds from clean references
     budget: float = 0.02  # the self detector's removal budget
     seed: int = 0
-    stream_seed: int = 0  # the streams' order and triggered draws (1: spent on the frozen rule; a new rule needs 2)
+    stream_seed: int = 0  # the streams' order and triggered draws (1 and 2 are spent as held-out; a new rule needs 3)
     device: str = "cpu"
     attack_dir: str = "benchmarks/attacks"
     cache_dir: str = ".dedefilter-bench/detectors"
@@ -414,8 +414,10 @@ def device_name(device: str) -> str:
 
 
 def result_settings(config: BenchConfig) -> dict:
+    """What a saved part depends on: the run's settings and the shipped window rule (a part scored under
+    another rule is stale)."""
     settings = asdict(config)
-    return {key: settings[key] for key in RESULT_FIELDS}
+    return {key: settings[key] for key in RESULT_FIELDS} | {"window_rule": WindowRule().to_dict()}
 
 
 def run_attack(name: str, config: BenchConfig, parts: Path, log=print) -> None:
@@ -512,7 +514,7 @@ def assemble(config: BenchConfig, parts: Path, command: str, seconds: float) -> 
     sweep = [row | {"heldout": True} if name == HELDOUT else row
              for name, a in attacks.items() for row in a["rows"] or []]
     report = {"meta": {"command": command, "config": asdict(config), "attacks_in_sweep": list(attacks),
-                       "missing": missing, "heldout": HELDOUT,
+                       "missing": missing, "heldout": HELDOUT, "window_rule": WindowRule().to_dict(),
                        "date": ", ".join(sorted({a["date"] for a in attacks.values()})),
                        "torch": ", ".join(sorted({a["torch"] for a in attacks.values()})),
                        "device_name": ", ".join(sorted({a["device_name"] for a in attacks.values()})),
@@ -533,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--aux", nargs="+", choices=AUX_MODES, help="these auxiliary sets only")
     parser.add_argument("--stream-seed", type=int, default=0,
                         help="draw other streams, as a held-out check run once after every choice is frozen "
-                             "(1 is spent: docs/BENCHMARKS.md, held-out streams)")
+                             "(1 and 2 are spent: docs/BENCHMARKS.md, held-out streams)")
     parser.add_argument("--heldout", action="store_true",
                         help=f"run only the held-out attack {HELDOUT} (once, after every choice is frozen)")
     parser.add_argument("--results", help="output path without extension")

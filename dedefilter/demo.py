@@ -60,24 +60,31 @@ def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, confi
     """Load the cached detector for this encoder, or train and calibrate one; says which it did."""
     path = Path(config.work_dir) / f"detector-{encoder.name}.pt"
     made_with = asdict(replace(config, retrain=False))
+    rule = WindowRule(size=config.window) if config.window else None
+    detector, how = None, "trained"
     if path.exists() and not config.retrain:
         try:
-            detector = Detector.load(path, encoder.fingerprint)
-            if detector.record.get("demo") == made_with:
+            cached = Detector.load(path, encoder.fingerprint)
+            if cached.record.get("demo") == made_with:
                 log(f"loaded {path}")
-                return detector, "loaded from cache"
+                detector, how = cached, "loaded from cache"
+                stored = replace(cached.window, collapse_shift=0.0) if cached.window else None
+                if cached.threshold is not None and stored == rule:
+                    return detector, how
+                log("its threshold was calibrated with another window rule: calibrating it again")
+                how = "loaded from cache, calibrated again"
         except CheckpointError as err:
             log(f"retraining: {err}")
-    log(f"training a DeDe detector for {encoder.name} on {len(aux)} auxiliary images ...")
-    dede = replace(DeDeConfig(), epochs=config.epochs, seed=config.seed, image_size=config.image_size,
-                   patch_size=config.patch_size)
-    model, record = train_model(encoder, aux, dede, log=log)
-    detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"demo": made_with},
-                        encoder_input=encoder.input)
-    rule = WindowRule(size=config.window) if config.window else None
+    if detector is None:
+        log(f"training a DeDe detector for {encoder.name} on {len(aux)} auxiliary images ...")
+        dede = replace(DeDeConfig(), epochs=config.epochs, seed=config.seed, image_size=config.image_size,
+                       patch_size=config.patch_size)
+        model, record = train_model(encoder, aux, dede, log=log)
+        detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"demo": made_with},
+                            encoder_input=encoder.input)
     detector = detector.with_threshold(*calibrate(Scorer(encoder, detector), reference, rule, fpr=config.target_fpr))
     detector.save(path)
-    return detector, "trained"
+    return detector, how
 
 
 def evaluate(parquet_dir: Path, truth: dict[str, tuple[bool, int]], target: int) -> dict:

@@ -61,3 +61,9 @@ def test_demo_reports_what_its_parquet_and_shards_hold(tmp_path, fmnist_test):
     again = run_demo(config, log=lambda *_: None)
     assert again["backdoored"]["detector"] == again["clean"]["detector"] == "loaded from cache"
     assert again["auroc"] == results["auroc"]  # same detector, same images: same figures
+    # a detector calibrated by an older version (another window rule) is calibrated again, not used as it is
+    detector.with_threshold(detector.threshold, replace(detector.window, collapse_paper_z=0.0)).save(
+        tmp_path / f"detector-{BACKDOORED}.pt")
+    recalibrated = run_demo(config, log=lambda *_: None)
+    assert recalibrated["backdoored"]["detector"] == "loaded from cache, calibrated again"
+    assert recalibrated["clean"]["detector"] == "loaded from cache" and recalibrated["auroc"] == results["auroc"]

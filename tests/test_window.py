@@ -4,6 +4,7 @@ in any worker or batch layout, and thresholds that keep their false-positive rat
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from itertools import islice
 
 import numpy as np
@@ -44,13 +45,37 @@ def test_a_planted_collapse_fires_the_test_and_pooling_plus_spectrum_rank_it_fir
     planted = rng.choice(1000, 30, replace=False)  # 3%: one shared trigger, one target embedding
     residuals[planted] += 6 * rng.normal(size=residuals.shape[1])
     embeddings[planted] = rng.normal(size=embeddings.shape[1]) + 0.01 * rng.normal(size=(30, embeddings.shape[1]))
-    scores[planted] *= 1.5  # the decoder draws the target, not the image
+    scores[planted] *= 3  # the decoder draws the target, not the image
     judged = score_window(scores, embeddings, residuals, RULE)
     truth = np.isin(np.arange(1000), planted)
     assert judged.collapse.all()
     assert auroc(judged.score, truth) == 1.0
     assert auroc(judged.parts["spectrum_z"], truth) == 1.0 and auroc(judged.parts["pooled_z"], truth) > 0.99
-    assert auroc(judged.parts["paper_z"], truth) < 0.95  # the paper score alone does not separate them
+    assert auroc(judged.parts["paper_z"], truth) < 0.97  # the paper score alone does not separate them
+
+
+def test_a_clump_of_clean_look_alikes_is_no_collapse_unless_the_decoder_fails_on_it():
+    rng = np.random.default_rng(6)
+    scores, embeddings, residuals = clean_window(rng)
+    clump = rng.choice(1000, 20, replace=False)  # look-alike pullovers: one tight spot, drawn as well as any
+    residuals[clump] += 6 * rng.normal(size=residuals.shape[1])
+    embeddings[clump] = rng.normal(size=embeddings.shape[1]) + 0.01 * rng.normal(size=(20, embeddings.shape[1]))
+    clean_clump = score_window(scores, embeddings, residuals, RULE)
+    assert not clean_clump.collapse.any() and abs(float(np.median(clean_clump.parts["paper_z"][clump]))) < 1
+    scores[clump] += 0.1  # the same clump, but its embedding describes another image: five robust SDs of error
+    assert score_window(scores, embeddings, residuals, RULE).collapse.all()
+
+
+def test_a_large_collapse_fires_though_it_drags_the_windows_paper_z_scale():
+    rng = np.random.default_rng(7)
+    scores, embeddings, residuals = clean_window(rng)
+    planted = rng.choice(1000, 180, replace=False)  # 18%: a fifth of the window moves the median and the IQR
+    residuals[planted] += 6 * rng.normal(size=residuals.shape[1])
+    embeddings[planted] = rng.normal(size=embeddings.shape[1]) + 0.01 * rng.normal(size=(180, embeddings.shape[1]))
+    scores[planted] *= 1.5
+    judged = score_window(scores, embeddings, residuals, RULE)
+    assert np.median(judged.parts["paper_z"][planted]) < RULE.collapse_paper_z and judged.collapse.all()
+    assert not score_window(scores, embeddings, residuals, replace(RULE, collapse_bulk=181)).collapse.any()
 
 
 def test_a_class_the_decoder_never_saw_is_a_group_but_not_a_collapse():
