@@ -57,7 +57,8 @@ class DemoConfig:
 
 def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, config: DemoConfig,
                  log) -> tuple[Detector, str]:
-    """Load the cached detector for this encoder, or train and calibrate one; says which it did."""
+    """Load the cached detector for this encoder (calibrated again if an older version calibrated it with
+    another window rule), or train and calibrate one; says which it did."""
     path = Path(config.work_dir) / f"detector-{encoder.name}.pt"
     made_with = asdict(replace(config, retrain=False))
     rule = WindowRule(size=config.window) if config.window else None
