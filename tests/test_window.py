@@ -27,6 +27,13 @@ def clean_window(rng: np.random.Generator, n: int = 1000, dim: int = 32, pixels:
     return rng.gamma(4.0, 0.01, n), embeddings, rng.normal(size=(n, pixels))
 
 
+def plant_group(rng: np.random.Generator, residuals: np.ndarray, embeddings: np.ndarray, members: np.ndarray) -> None:
+    """Give ``members`` one shared residual pattern and one tight spot of the embedding space, in place."""
+    residuals[members] += 6 * rng.normal(size=residuals.shape[1])
+    dim = embeddings.shape[1]
+    embeddings[members] = rng.normal(size=dim) + 0.01 * rng.normal(size=(len(members), dim))
+
+
 def test_sparsity_finds_a_few_planted_samples_that_sit_between_classes_and_a_quiet_window_keeps_the_paper_z():
     rng = np.random.default_rng(0)
     scores, embeddings, residuals = clean_window(rng)
@@ -43,8 +50,7 @@ def test_a_planted_collapse_fires_the_test_and_pooling_plus_spectrum_rank_it_fir
     rng = np.random.default_rng(1)
     scores, embeddings, residuals = clean_window(rng)
     planted = rng.choice(1000, 30, replace=False)  # 3%: one shared trigger, one target embedding
-    residuals[planted] += 6 * rng.normal(size=residuals.shape[1])
-    embeddings[planted] = rng.normal(size=embeddings.shape[1]) + 0.01 * rng.normal(size=(30, embeddings.shape[1]))
+    plant_group(rng, residuals, embeddings, planted)
     scores[planted] *= 3  # the decoder draws the target, not the image
     judged = score_window(scores, embeddings, residuals, RULE)
     truth = np.isin(np.arange(1000), planted)
@@ -58,8 +64,7 @@ def test_a_clump_of_clean_look_alikes_is_no_collapse_unless_the_decoder_fails_on
     rng = np.random.default_rng(6)
     scores, embeddings, residuals = clean_window(rng)
     clump = rng.choice(1000, 20, replace=False)  # look-alike pullovers: one tight spot, drawn as well as any
-    residuals[clump] += 6 * rng.normal(size=residuals.shape[1])
-    embeddings[clump] = rng.normal(size=embeddings.shape[1]) + 0.01 * rng.normal(size=(20, embeddings.shape[1]))
+    plant_group(rng, residuals, embeddings, clump)
     clean_clump = score_window(scores, embeddings, residuals, RULE)
     assert not clean_clump.collapse.any() and abs(float(np.median(clean_clump.parts["paper_z"][clump]))) < 1
     scores[clump] += 0.1  # the same clump, but its embedding describes another image: five robust SDs of error
@@ -70,8 +75,7 @@ def test_a_large_collapse_fires_though_it_drags_the_windows_paper_z_scale():
     rng = np.random.default_rng(7)
     scores, embeddings, residuals = clean_window(rng)
     planted = rng.choice(1000, 180, replace=False)  # 18%: a fifth of the window moves the median and the IQR
-    residuals[planted] += 6 * rng.normal(size=residuals.shape[1])
-    embeddings[planted] = rng.normal(size=embeddings.shape[1]) + 0.01 * rng.normal(size=(180, embeddings.shape[1]))
+    plant_group(rng, residuals, embeddings, planted)
     scores[planted] *= 1.5
     judged = score_window(scores, embeddings, residuals, RULE)
     assert np.median(judged.parts["paper_z"][planted]) < RULE.collapse_paper_z and judged.collapse.all()
