@@ -69,7 +69,7 @@ def get_detector(encoder: Encoder, aux: np.ndarray, reference: np.ndarray, confi
             if cached.record.get("demo") == made_with:
                 log(f"loaded {path}")
                 detector, how = cached, "loaded from cache"
-                stored = replace(cached.window, collapse_shift=0.0) if cached.window else None
+                stored = cached.window.uncalibrated() if cached.window else None
                 if cached.threshold is not None and stored == rule:
                     return detector, how
                 log("its threshold was calibrated with another window rule: calibrating it again")

@@ -9,19 +9,21 @@ principal direction of the window's residuals in which they stand out together (
 Tran et al. 2018).
 
 The collapse test counts the samples that stand out in the residual spectrum. When enough do, are each
-other's neighbours in one tight spot, and the decoder fails on them, the window is scored by neighbour
-pooling plus the spectrum; otherwise by the paper score's z alone, since
-with few triggered images those parts only add noise. Neighbourhood sparsity (simplified LOF, Huang et
-al., ICLR 2025: a lone triggered image sits far from the crowd its neighbours belong to) is computed
-and recorded too, but does not decide: added to the paper score it helped a weak detector and hurt a
-strong one (docs/BENCHMARKS.md). The two scores have tails of different weight, so :func:`calibrate`
+other's neighbours, and two of three kinds of evidence hold (they sit in one tight spot of the embedding
+space; the decoder fails on them; they are many and most of what stands out), the window is scored by
+neighbour pooling plus the spectrum; otherwise by the paper score alone, on the fixed scale calibration
+measured on the reference images (so where no window collapses the filter ranks samples exactly as the
+paper score does), since with few triggered images those parts only add noise. Neighbourhood sparsity
+(simplified LOF, Huang et al., ICLR 2025: a lone triggered image sits far from the crowd its neighbours
+belong to) is computed and recorded too, but does not decide: added to the paper score it helped a weak
+detector and hurt a strong one (docs/BENCHMARKS.md). The two scores have tails of different weight, so :func:`calibrate`
 shifts the collapsed one to meet the quiet one at the cut's quantile of the reference windows: one
 threshold serves both.
 
 Each part is a robust z-score within the window (median and IQR, so a poisoned minority cannot drag
-it). A window is a deterministic slice of the input (the stage cuts ``size`` consecutive samples of one
-shard), so a sample's score depends on its window, never on the worker, batch or order; memory is
-bounded by ``size`` samples' embeddings and residuals.
+it); the quiet score alone keeps the calibration's scale. A window is a deterministic slice of the input
+(the stage cuts ``size`` consecutive samples of one shard), so a sample's score depends on its window,
+never on the worker, batch or order; memory is bounded by ``size`` samples' embeddings and residuals.
 """
 
 from __future__ import annotations
@@ -49,22 +51,30 @@ class WindowRule:
     """How the shipped score is made; stored in the detector checkpoint and the Parquet metadata.
 
     The values were chosen on the demo attack's streams (benchmarks/results/detection.json says which attack
-    was held out until they were frozen); the collapse test's last condition (paper z or bulk) on the detection
-    sweep's first two draws of the streams, with a third held out (docs/BENCHMARKS.md)."""
+    was held out until they were frozen); the collapse test's paper z and bulk conditions on the detection
+    sweep's first two draws of the streams, with a third held out; "two of three" and the fixed scale of quiet
+    windows on the first draw, with two attacks and a fourth draw held out (docs/BENCHMARKS.md)."""
 
     size: int = 1000  # samples per window (the memory bound); a shard's tail may be shorter
     k: int = 16  # neighbours for pooling and sparsity (Huang et al. use 16)
     directions: int = 3  # top principal directions of the residuals searched for a shared pattern
     outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
     collapse_count: int = 4  # this many outstanding samples that are each other's neighbours make a collapse
-    collapse_resultant: float = 0.85  # ... if their unit embeddings' mean is at least this long (one direction)
-    collapse_density: float = 0.75  # ... and their median k-th neighbour distance is at most this share of the window's
-    collapse_paper_z: float = 3.0  # ... and the decoder fails on them: their median paper z is at least this,
-    collapse_bulk: int = 30  # ... or they are at least this many
-    collapse_bulk_share: float = 0.7  # ... and this share of the samples standing out in the spectrum
-    min_size: int = 64  # a smaller window gets the paper score's z alone
-    # Set by calibration (:func:`calibrate`): added to a collapsed window's score so that its clean reference
-    # quantile at the cut's level meets the quiet score's; the two scores have tails of different weight.
+    # ... if two of three hold: one tight spot (their unit embeddings' mean is at least collapse_resultant long
+    # and their median k-th neighbour distance at most collapse_density of the window's); the decoder fails on
+    # them (their median paper z is at least collapse_paper_z); bulk (at least collapse_bulk of them, and at
+    # least collapse_bulk_share of the samples standing out in the spectrum)
+    collapse_resultant: float = 0.85
+    collapse_density: float = 0.75
+    collapse_paper_z: float = 3.0
+    collapse_bulk: int = 30
+    collapse_bulk_share: float = 0.7
+    min_size: int = 64  # a smaller window gets the quiet score
+    # Set by calibration (:func:`calibrate`). The quiet score is the paper score on the reference images' robust
+    # scale: (score - paper_median) / paper_scale. The collapse shift is added to a collapsed window's score so
+    # that its clean reference quantile at the cut's level meets the quiet score's (tails of different weight).
+    paper_median: float = 0.0
+    paper_scale: float = 1.0
     collapse_shift: float = 0.0
 
     def __post_init__(self):
@@ -74,6 +84,10 @@ class WindowRule:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def uncalibrated(self) -> WindowRule:
+        """The rule without what :func:`calibrate` sets."""
+        return replace(self, paper_median=0.0, paper_scale=1.0, collapse_shift=0.0)
 
 
 @dataclass
@@ -85,12 +99,17 @@ class WindowScores:
     collapse: np.ndarray  # (N,) bool: did the collapse test fire on the sample's window
 
 
+def robust_scale(values: np.ndarray) -> tuple[float, float]:
+    """(median, IQR / 1.349): a centre and spread that a minority of outliers cannot drag."""
+    low, median, high = np.quantile(np.asarray(values, np.float64), [0.25, 0.5, 0.75])
+    scale = (high - low) / 1.349
+    return float(median), float(scale if scale > 0 else 1.0)
+
+
 def robust_z(values: np.ndarray) -> np.ndarray:
     """(x - median) / (IQR / 1.349): a z-score that a minority of outliers cannot drag."""
-    values = np.asarray(values, np.float64)
-    low, median, high = np.quantile(values, [0.25, 0.5, 0.75])
-    scale = (high - low) / 1.349
-    return (values - median) / (scale if scale > 0 else 1.0)
+    median, scale = robust_scale(values)
+    return (np.asarray(values, np.float64) - median) / scale
 
 
 def unit_rows(embeddings: np.ndarray) -> np.ndarray:
@@ -153,31 +172,38 @@ def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:
 
 def collapse_test(outstanding: np.ndarray, paper_z: np.ndarray, embeddings: np.ndarray, distances: np.ndarray,
                   ids: np.ndarray, rule: WindowRule) -> bool:
-    """A collapse: at least ``rule.collapse_count`` samples stand out in the residual spectrum, have most of
-    their embedding neighbours standing out too, sit together in one tight, dense spot of the embedding
-    space, and are what the decoder cannot draw. Triggered images do all four (one trigger pattern, one
-    target embedding that describes another image). A few clean images with odd residuals (textures, a rare
-    shape) are not each other's neighbours; the clean images of classes the decoder never saw are, but they
-    spread over their classes and are no denser than the window; a tight clump of clean look-alikes (in the
-    sweep's streams, pullovers, coats and shirts) passes all three, but the decoder draws it well (median paper z
-    0.2-2.3 in the detection sweep's streams; triggered groups 4.1-9.1 at 3-5%). When many images are
-    triggered they drag the window's own paper z scale and their z understates them (down to 1.8 at 18%);
-    such a group is large and is most of what stands out (71-98% there), which no clean clump was (<= 62%).
-    Scoring a clean window as collapsed would change its scale and bury a lone triggered image."""
+    """A collapse: at least ``rule.collapse_count`` samples stand out in the residual spectrum and have most
+    of their embedding neighbours standing out too (one shared residual pattern), and two of three hold:
+
+    - *tight*: they sit in one tight, dense spot of the embedding space (one target embedding);
+    - *undrawn*: the decoder fails on them (the embedding describes another image);
+    - *bulk*: they are many and most of what stands out.
+
+    Each alone is seen on clean windows: the clean images of classes the decoder never saw are each other's
+    neighbours and the decoder fails on them, but they spread over their classes (no denser than the window);
+    a tight clump of clean look-alikes (in the sweep's streams, pullovers, coats and shirts) is drawn well
+    (median paper z 0.2-2.3; triggered groups 4.1-9.1 at 3-5%). Triggered images show two or three: when many
+    are triggered they drag the window's own paper z scale (their median down to 1.8 at 18%), but they are
+    most of what stands out (71-98% there, no clean clump of 30 more than 62%); triggered images of a T-shirt
+    target sit among the clean T-shirts, no denser than the window (0.8-1.5 of its median distance, DRUPE's
+    spread by design), but the decoder fails on them. Scoring a clean window as collapsed would change its
+    scale and bury a lone triggered image."""
     grouped = outstanding & (outstanding[ids].mean(1) >= 0.5)
     n_grouped = int(grouped.sum())
     if n_grouped < rule.collapse_count:
         return False
     resultant = np.linalg.norm(unit_rows(embeddings)[grouped].mean(0))
     density = np.median(distances[grouped, -1]) / max(np.median(distances[:, -1]), 1e-12)
+    tight = resultant >= rule.collapse_resultant and density <= rule.collapse_density
     undrawn = np.median(paper_z[grouped]) >= rule.collapse_paper_z
     bulk = n_grouped >= rule.collapse_bulk and n_grouped >= rule.collapse_bulk_share * int(outstanding.sum())
-    return bool(resultant >= rule.collapse_resultant and density <= rule.collapse_density and (undrawn or bulk))
+    return int(tight) + int(undrawn) + int(bulk) >= 2
 
 
-def quiet_score(parts: dict[str, np.ndarray]) -> np.ndarray:
-    """The score of a window without a collapse: the paper score's z."""
-    return parts["paper_z"]
+def quiet_score(parts: dict[str, np.ndarray], rule: WindowRule) -> np.ndarray:
+    """The score of a window without a collapse: the paper score on the calibration's fixed scale, so that
+    it ranks samples across windows exactly as the paper score does."""
+    return (np.asarray(parts["paper_score"], np.float64) - rule.paper_median) / rule.paper_scale
 
 
 def collapsed_score(parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -214,7 +240,7 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
     if n < max(rule.min_size, rule.k + 1, rule.directions + 1):
         nothing = np.full(n, np.nan)
         parts |= {"sparsity_z": nothing, "pooled_z": nothing, "spectrum_z": nothing}
-        return WindowScores(paper_z.astype(np.float32), as_float32(parts), np.zeros(n, bool))
+        return WindowScores(quiet_score(parts, rule).astype(np.float32), as_float32(parts), np.zeros(n, bool))
     # one BLAS thread: the window's linear algebra is small, and a BLAS pool of its own per DataLoader worker
     # spins on the cores the other workers' encoders need (the filter ran 1.5x slower with 2 workers)
     with blas().limit(limits=1, user_api="blas"):
@@ -223,7 +249,7 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
     parts |= {"sparsity_z": robust_z(sparsity(distances, ids)), "pooled_z": pooled(paper_z, ids),
               "spectrum_z": robust_z(np.log(outstanding))}
     collapse = collapse_test(outstanding > rule.outlier, paper_z, embeddings, distances, ids, rule)
-    score = collapsed_score(parts) + rule.collapse_shift if collapse else quiet_score(parts)
+    score = collapsed_score(parts) + rule.collapse_shift if collapse else quiet_score(parts, rule)
     return WindowScores(score.astype(np.float32), as_float32(parts), np.full(n, collapse))
 
 
@@ -272,8 +298,13 @@ def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | 
     make = for_false_positive_rate if fpr is not None else for_contamination
     if rule is None:
         return make(scored.scores, level, "paper"), None
-    judged = score_windows(scored.scores, scored.embeddings, scored.residuals, replace(rule, collapse_shift=0.0))
-    quiet, collapsed = quiet_score(judged.parts), collapsed_score(judged.parts)
+    finite = np.isfinite(scored.scores)
+    if not finite.any():
+        raise ValueError("no finite reference score to calibrate on")
+    median, scale = robust_scale(scored.scores[finite])
+    rule = replace(rule.uncalibrated(), paper_median=median, paper_scale=scale)
+    judged = score_windows(scored.scores, scored.embeddings, scored.residuals, rule)
+    quiet, collapsed = quiet_score(judged.parts, rule), collapsed_score(judged.parts)
     usable = np.isfinite(quiet) & np.isfinite(collapsed)  # windows of at least min_size
     if usable.any():
         shift = upper_quantile(quiet[usable], level) - upper_quantile(collapsed[usable], level)

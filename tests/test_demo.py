@@ -48,7 +48,7 @@ def test_demo_reports_what_its_parquet_and_shards_hold(tmp_path, fmnist_test):
     # image alone, and decided on the window score the library gives the shard's images in their order
     encoder = load_encoder(BACKDOORED)
     detector = Detector.load(tmp_path / f"detector-{BACKDOORED}.pt", encoder.fingerprint)
-    assert replace(detector.window, collapse_shift=0.0) == WindowRule() and detector.threshold.scale == "window"
+    assert detector.window.uncalibrated() == WindowRule() and detector.threshold.scale == "window"
     scorer = Scorer(encoder, detector)
     table = ds.dataset(results["backdoored"]["parquet"]).to_table(columns=["key", "score", "paper_score"])
     recorded = {key: (score, paper) for key, score, paper in zip(

@@ -18,6 +18,7 @@ from dedefilter.scoring import Scorer
 from dedefilter.window import WindowRule, calibrate, filter_scores, score_window, score_windows, spectrum
 
 RULE = WindowRule(size=1000)
+CALIBRATED = replace(RULE, paper_median=0.04, paper_scale=0.02)  # as calibrate sets it on clean_window's scores
 
 
 def clean_window(rng: np.random.Generator, n: int = 1000, dim: int = 32, pixels: int = 192):
@@ -34,16 +35,29 @@ def plant_group(rng: np.random.Generator, residuals: np.ndarray, embeddings: np.
     embeddings[members] = rng.normal(size=dim) + 0.01 * rng.normal(size=(len(members), dim))
 
 
-def test_sparsity_finds_a_few_planted_samples_that_sit_between_classes_and_a_quiet_window_keeps_the_paper_z():
+def test_sparsity_finds_a_few_planted_samples_that_sit_between_classes_and_a_quiet_window_keeps_the_paper_score():
     rng = np.random.default_rng(0)
     scores, embeddings, residuals = clean_window(rng)
     planted = np.arange(3)  # 0.3% of the window: too few to collapse
     embeddings[planted] = embeddings[10:13].mean(0) + 0.3 * rng.normal(size=(3, embeddings.shape[1]))
-    judged = score_window(scores, embeddings, residuals, RULE)
+    judged = score_window(scores, embeddings, residuals, CALIBRATED)
     assert not judged.collapse.any()
     top = np.argsort(-judged.parts["sparsity_z"])[:10]
     assert set(planted) <= set(top)
-    assert np.array_equal(judged.score, judged.parts["paper_z"])  # sparsity is recorded, the paper score decides
+    # sparsity is recorded, the paper score decides, on the calibration's fixed scale
+    assert np.array_equal(judged.score, ((scores - 0.04) / 0.02).astype(np.float32))
+
+
+def test_where_no_window_collapses_the_filter_ranks_samples_as_the_paper_score_does():
+    rng = np.random.default_rng(8)
+    parts = [clean_window(rng) for _ in range(3)]
+    for offset, (scores, _, _) in zip((0.0, 0.02, -0.01), parts, strict=True):
+        scores += offset  # shards of different difficulty: a window's own z would rescale each
+    stream = [np.concatenate(p) for p in zip(*parts, strict=True)]
+    judged = score_windows(*stream, CALIBRATED)
+    assert not judged.collapse.any()
+    assert np.array_equal(np.argsort(judged.score, kind="stable"), np.argsort(stream[0].astype(np.float32),
+                                                                              kind="stable"))
 
 
 def test_a_planted_collapse_fires_the_test_and_pooling_plus_spectrum_rank_it_first():
@@ -82,6 +96,17 @@ def test_a_large_collapse_fires_though_it_drags_the_windows_paper_z_scale():
     assert not score_window(scores, embeddings, residuals, replace(RULE, collapse_bulk=181)).collapse.any()
 
 
+def test_a_large_group_the_decoder_fails_on_collapses_though_it_is_as_spread_as_a_class():
+    rng = np.random.default_rng(5)
+    scores, embeddings, residuals = clean_window(rng)
+    # a T-shirt target: the triggered images sit in a spread class of their own, no denser than the window
+    triggered = np.flatnonzero(np.linalg.norm(embeddings - embeddings[0], axis=1) < 3)  # sample 0's class
+    residuals[triggered] += 6 * rng.normal(size=residuals.shape[1])
+    assert len(triggered) >= RULE.collapse_bulk and not score_window(scores, embeddings, residuals, RULE).collapse.any()
+    scores[triggered] += 0.1  # the decoder draws the target, not the image
+    assert score_window(scores, embeddings, residuals, RULE).collapse.all()
+
+
 def test_a_class_the_decoder_never_saw_is_a_group_but_not_a_collapse():
     rng = np.random.default_rng(4)
     scores, embeddings, residuals = clean_window(rng)
@@ -96,7 +121,7 @@ def test_a_class_the_decoder_never_saw_is_a_group_but_not_a_collapse():
 
 def test_a_clean_window_does_not_collapse_and_its_scores_stay_centred():
     for seed in range(5):
-        judged = score_window(*clean_window(np.random.default_rng(seed)), RULE)
+        judged = score_window(*clean_window(np.random.default_rng(seed)), CALIBRATED)
         assert not judged.collapse.any()
         assert abs(float(np.median(judged.score))) < 0.5
 
@@ -111,11 +136,12 @@ def test_the_spectrum_of_a_window_with_more_samples_than_pixels_takes_the_same_p
     assert set(np.argsort(-tall)[:10]) == set(range(10))
 
 
-def test_a_short_window_and_non_finite_scores_fall_back_to_the_paper_z_and_nan():
+def test_a_short_window_and_non_finite_scores_fall_back_to_the_quiet_score_and_nan():
     rng = np.random.default_rng(2)
     scores, embeddings, residuals = clean_window(rng, n=40)
-    short = score_window(scores, embeddings, residuals, RULE)
-    assert np.isnan(short.parts["sparsity_z"]).all() and np.array_equal(short.score, short.parts["paper_z"])
+    short = score_window(scores, embeddings, residuals, CALIBRATED)
+    assert np.isnan(short.parts["sparsity_z"]).all()
+    assert np.array_equal(short.score, ((scores - 0.04) / 0.02).astype(np.float32))
     scores, embeddings, residuals = clean_window(rng)
     scores[5] = np.nan
     judged = score_window(scores, embeddings, residuals, RULE)
