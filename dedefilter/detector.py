@@ -4,7 +4,8 @@ Two resolutions live in a checkpoint: the decoder's (``config.image_size``, ``co
 the encoder's input it was trained with (:class:`~dedefilter.encoders.EncoderInput`; checkpoints from
 before it was recorded use the encoder's own, which was 32x32 for every encoder they could be made for).
 The window rule (:class:`~dedefilter.window.WindowRule`) its threshold was calibrated with is stored too,
-so the filter decides as calibration did; a rule with other settings than this version's (made by
+with its clean reference images' embeddings and paper scores when it has them (float32 tensors beside the
+rule), so the filter decides as calibration did; a rule with other settings than this version's (made by
 another version) cannot be rebuilt, so that threshold is dropped, with a warning, and must be calibrated
 again. Checkpoints hold only tensors and plain values and load with ``weights_only=True``, so a file from
 a stranger cannot run code; a detector made for another encoder is refused.
@@ -25,7 +26,7 @@ from .calibration import Threshold
 from .config import DeDeConfig
 from .encoders import EncoderInput
 from .model import DeDeModel
-from .window import WindowRule
+from .window import CleanReference, WindowRule
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ class Detector:
             "record": json.dumps(self.record or {}),
             "encoder_input": json.dumps(self.encoder_input.to_dict() if self.encoder_input else None),
             "window": json.dumps(self.window.to_dict() if self.window else None),
+            "window_reference": None if self.window is None or self.window.reference is None else {
+                "embeddings": torch.from_numpy(self.window.reference.embeddings),
+                "scores": torch.from_numpy(self.window.reference.scores)},
         }, path)
 
     @classmethod
@@ -121,12 +125,21 @@ class Detector:
                 log.warning("%s: calibrated with a window rule of other settings (%s); loaded without its threshold: "
                             "calibrate it again with `dedefilter calibrate`", path, ", ".join(sorted(window)))
                 threshold = window = None
+            reference = checkpoint.get("window_reference") if window is not None else None
+            if reference is not None:
+                if not (isinstance(reference, dict) and set(reference) == {"embeddings", "scores"}
+                        and all(isinstance(t, torch.Tensor) for t in reference.values())):
+                    raise ValueError("the window rule's reference is not two tensors (embeddings, scores)")
+                reference = CleanReference(reference["embeddings"].numpy(), reference["scores"].numpy())
+                if reference.embeddings.shape[1] != checkpoint["embed_dim"]:
+                    raise ValueError(f"the window rule's reference embeddings have {reference.embeddings.shape[1]} "
+                                     f"dimensions, the encoder {checkpoint['embed_dim']}")
             return cls(model=model.eval(), encoder_name=checkpoint["encoder_name"],
                        encoder_fingerprint=checkpoint["encoder_fingerprint"],
                        threshold=Threshold(**threshold) if threshold else None,
                        record=json.loads(checkpoint["record"]),
                        encoder_input=EncoderInput(**encoder_input) if encoder_input else None,
-                       window=WindowRule(**window) if window else None)
+                       window=WindowRule(**window, reference=reference) if window else None)
         except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: unreadable threshold, record, encoder input or window rule: {err}") \
-                from None
+            raise CheckpointError(f"{path}: unreadable threshold, record, encoder input, window rule or its reference: "
+                                  f"{err}") from None

@@ -1,27 +1,34 @@
 """Window-level scoring: each sample judged against the other samples of its window of the stream.
 
-The paper score (reconstruction error) looks at one sample. When a window holds many triggered images,
-a backdoor leaves traces only a set of samples shows: the encoder maps them near one target embedding
-(a *collapse*), so a triggered image's neighbours are triggered too and their mean error z-score
-(neighbour pooling) is high; and the decoder never draws a trigger (the embedding describes the target,
-not the patch), so every triggered image leaves the same pattern in its reconstruction residual, a top
-principal direction of the window's residuals in which they stand out together (spectral signatures,
-Tran et al. 2018).
+The paper score (reconstruction error) looks at one sample, and some clean images are simply hard to draw.
+With clean reference images (``calibrate`` at a false-positive rate) a sample's error is also measured
+against what the decoder does on the clean images the encoder embeds like it (its *excess* error: log of
+its error over the median error of its k nearest reference images): a hard clean image sits among hard
+ones, but a triggered image is embedded like the attacker's target, whose clean images the decoder draws
+well. This needs no window and works at any poison share; a reference sampled from the data itself
+(``calibrate`` with a removal budget) may hold triggered images as their own neighbours, so it is not used.
+
+When a window holds many triggered images, a backdoor leaves traces only a set of samples shows: the
+encoder maps them near one target embedding (a *collapse*), so a triggered image's neighbours are
+triggered too and their mean error z-score (neighbour pooling) is high; and the decoder never draws a
+trigger (the embedding describes the target, not the patch), so every triggered image leaves the same
+pattern in its reconstruction residual, a top principal direction of the window's residuals in which they
+stand out together (spectral signatures, Tran et al. 2018).
 
 The collapse test counts the samples that stand out in the residual spectrum. When enough do, are each
 other's neighbours, and two of three kinds of evidence hold (they sit in one tight spot of the embedding
 space; the decoder fails on them; they are many and most of what stands out), the window is scored by
-neighbour pooling plus the spectrum; otherwise by the paper score alone, on the fixed scale calibration
-measured on the reference images (so where no window collapses the filter ranks samples exactly as the
-paper score does), since with few triggered images those parts only add noise. Neighbourhood sparsity
-(simplified LOF, Huang et al., ICLR 2025: a lone triggered image sits far from the crowd its neighbours
-belong to) is computed and recorded too, but does not decide: added to the paper score it helped a weak
-detector and hurt a strong one (docs/BENCHMARKS.md). The two scores have tails of different weight, so :func:`calibrate`
-shifts the collapsed one to meet the quiet one at the cut's quantile of the reference windows: one
-threshold serves both.
+neighbour pooling plus the spectrum; otherwise by the paper score (plus the excess error when there is a
+clean reference), on the fixed scales calibration measured on the reference images, so a sample's score in
+a quiet window does not depend on its window; with few triggered images the window's parts only add noise.
+Neighbourhood sparsity (simplified LOF, Huang et al., ICLR 2025: a lone triggered image sits far from the
+crowd its neighbours belong to) is computed and recorded too, but does not decide: added to the paper
+score it helped a weak detector and hurt a strong one (docs/BENCHMARKS.md). The two scores have tails of
+different weight, so :func:`calibrate` shifts the collapsed one to meet the quiet one at the cut's quantile
+of the reference windows: one threshold serves both.
 
-Each part is a robust z-score within the window (median and IQR, so a poisoned minority cannot drag
-it); the quiet score alone keeps the calibration's scale. A window is a deterministic slice of the input
+Each window part is a robust z-score within the window (median and IQR, so a poisoned minority cannot drag
+it); the quiet score's parts keep the calibration's scales. A window is a deterministic slice of the input
 (the stage cuts ``size`` consecutive samples of one shard), so a sample's score depends on its window,
 never on the worker, batch or order; memory is bounded by ``size`` samples' embeddings and residuals.
 """
@@ -29,7 +36,7 @@ never on the worker, batch or order; memory is bounded by ``size`` samples' embe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -42,8 +49,52 @@ from .calibration import Threshold, for_contamination, for_false_positive_rate, 
 if TYPE_CHECKING:
     from .scoring import ScoredBatch, Scorer
 
-PARTS = ("paper_score", "paper_z", "sparsity_z", "pooled_z", "spectrum_z")
+PARTS = ("paper_score", "paper_z", "excess_z", "sparsity_z", "pooled_z", "spectrum_z")
 BLOCK = 1024  # rows of the similarity matrix held at once
+
+
+@dataclass(frozen=True, eq=False)
+class CleanReference:
+    """Clean reference images' embeddings (R, D) and paper scores (R,): what error the decoder makes on clean
+    images the encoder embeds alike. Set by :func:`calibrate` at a false-positive rate, stored in the detector."""
+
+    embeddings: np.ndarray
+    scores: np.ndarray
+
+    def __post_init__(self):
+        embeddings, scores = np.asarray(self.embeddings, np.float32), np.asarray(self.scores, np.float32)
+        if embeddings.ndim != 2 or scores.shape != (len(embeddings),) or len(scores) < 2:
+            raise ValueError(f"a clean reference needs (R, D) embeddings and (R,) scores, R >= 2: "
+                             f"{embeddings.shape}, {scores.shape}")
+        if not (np.isfinite(embeddings).all() and np.isfinite(scores).all() and (scores > 0).all()):
+            raise ValueError("a clean reference needs finite embeddings and finite positive scores")
+        object.__setattr__(self, "embeddings", embeddings)
+        object.__setattr__(self, "scores", scores)
+        centre = embeddings.astype(np.float64).mean(0)
+        object.__setattr__(self, "_centre", centre)
+        object.__setattr__(self, "_unit", self.unit(embeddings))
+
+    def unit(self, embeddings: np.ndarray) -> np.ndarray:
+        """Embeddings centred on the reference's mean and scaled to unit length: a fixed geometry, so a
+        sample's neighbours do not depend on what else is scored with it."""
+        centred = np.asarray(embeddings, np.float64) - self._centre
+        return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+
+    def excess(self, paper_scores: np.ndarray, embeddings: np.ndarray, k: int, own: bool = False) -> np.ndarray:
+        """log(paper score / median paper score of the k nearest reference images); ``own``: the samples are
+        the reference images themselves, each left out of its own neighbours."""
+        k = min(k, len(self.scores) - 1)
+        unit = self.unit(embeddings)
+        expected = np.empty(len(unit))
+        for start in range(0, len(unit), BLOCK):
+            rows = np.arange(start, min(start + BLOCK, len(unit)))
+            distance = 1 - unit[rows] @ self._unit.T
+            if own:
+                distance[np.arange(len(rows)), rows] = np.inf
+            order = np.argsort(distance, axis=1, kind="stable")[:, :k]
+            expected[rows] = np.median(self.scores[order], axis=1)
+        paper_scores = np.asarray(paper_scores, np.float64)
+        return np.log(np.maximum(paper_scores, 1e-30)) - np.log(expected)
 
 
 @dataclass(frozen=True)
@@ -53,10 +104,13 @@ class WindowRule:
     The values were chosen on the demo attack's streams (benchmarks/results/detection.json says which attack
     was held out until they were frozen); the collapse test's paper z and bulk conditions on the detection
     sweep's first two draws of the streams, with a third held out; "two of three" and the fixed scale of quiet
-    windows on the first draw, with two attacks and a fourth draw held out (docs/BENCHMARKS.md)."""
+    windows on the first draw, with two attacks and a fourth draw held out; the excess error (its k, its median,
+    its plain sum with the paper score, a clean reference only) on the first draw, with the attack
+    drupe-patch-trouser and the fourth draw held out (docs/BENCHMARKS.md)."""
 
     size: int = 1000  # samples per window (the memory bound); a shard's tail may be shorter
     k: int = 16  # neighbours for pooling and sparsity (Huang et al. use 16)
+    reference_k: int = 8  # clean reference images whose median error is a sample's expected error
     directions: int = 3  # top principal directions of the residuals searched for a shared pattern
     outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
     collapse_count: int = 4  # this many outstanding samples that are each other's neighbours make a collapse
@@ -71,11 +125,16 @@ class WindowRule:
     collapse_bulk_share: float = 0.7
     min_size: int = 64  # a smaller window gets the quiet score
     # Set by calibration (:func:`calibrate`). The quiet score is the paper score on the reference images' robust
-    # scale: (score - paper_median) / paper_scale. The collapse shift is added to a collapsed window's score so
-    # that its clean reference quantile at the cut's level meets the quiet score's (tails of different weight).
+    # scale, (score - paper_median) / paper_scale, plus, with a clean reference, the excess error on its scale
+    # (excess_median, excess_scale: the reference images' own, each left out of its neighbours). The collapse
+    # shift is added to a collapsed window's score so that its clean reference quantile at the cut's level meets
+    # the quiet score's (tails of different weight).
     paper_median: float = 0.0
     paper_scale: float = 1.0
+    excess_median: float = 0.0
+    excess_scale: float = 1.0
     collapse_shift: float = 0.0
+    reference: CleanReference | None = field(default=None, compare=False, repr=False)  # stored beside the rule
 
     def __post_init__(self):
         if self.size < self.min_size or self.k < 1 or self.directions < 1 or self.collapse_count < 1:
@@ -83,11 +142,13 @@ class WindowRule:
                              f"collapse_count >= 1: {self}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings (the reference's arrays are stored in the detector checkpoint, not here)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "reference"}
 
     def uncalibrated(self) -> WindowRule:
         """The rule without what :func:`calibrate` sets."""
-        return replace(self, paper_median=0.0, paper_scale=1.0, collapse_shift=0.0)
+        return replace(self, paper_median=0.0, paper_scale=1.0, excess_median=0.0, excess_scale=1.0,
+                       collapse_shift=0.0, reference=None)
 
 
 @dataclass
@@ -201,9 +262,10 @@ def collapse_test(outstanding: np.ndarray, paper_z: np.ndarray, embeddings: np.n
 
 
 def quiet_score(parts: dict[str, np.ndarray], rule: WindowRule) -> np.ndarray:
-    """The score of a window without a collapse: the paper score on the calibration's fixed scale, so that
-    it ranks samples across windows exactly as the paper score does."""
-    return (np.asarray(parts["paper_score"], np.float64) - rule.paper_median) / rule.paper_scale
+    """The score of a window without a collapse: the paper score on the calibration's fixed scale, plus the
+    excess error's z when there is a clean reference; neither depends on the window."""
+    paper = (np.asarray(parts["paper_score"], np.float64) - rule.paper_median) / rule.paper_scale
+    return paper if rule.reference is None else paper + parts["excess_z"]
 
 
 def collapsed_score(parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -217,10 +279,12 @@ def blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray,
-                 rule: WindowRule) -> WindowScores:
+def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray, rule: WindowRule,
+                 excess: np.ndarray | None = None) -> WindowScores:
     """The shipped score of one window's samples from their paper scores, embeddings and residuals.
 
+    ``excess``: the samples' excess errors when already known (calibration passes the reference images'
+    own, each left out of its neighbours); else measured against ``rule.reference`` if it has one.
     A non-finite paper score (a broken encoder or model) stays out of the window and gets NaN parts."""
     paper_scores = np.asarray(paper_scores, np.float64)
     finite = np.isfinite(paper_scores)
@@ -229,14 +293,20 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
         parts = {name: score.copy() for name in PARTS} | {"paper_score": paper_scores.astype(np.float32)}
         if not finite.any():
             return WindowScores(score, parts, np.zeros(len(finite), bool))
-        judged = score_window(paper_scores[finite], embeddings[finite], residuals[finite], rule)
+        judged = score_window(paper_scores[finite], embeddings[finite], residuals[finite], rule,
+                              None if excess is None else excess[finite])
         score[finite] = judged.score
         for name in PARTS[1:]:
             parts[name][finite] = judged.parts[name]
         return WindowScores(score, parts, judged.collapse)
     paper_z = robust_z(paper_scores)
     n = len(paper_z)
-    parts = {"paper_score": paper_scores, "paper_z": paper_z}
+    parts = {"paper_score": paper_scores, "paper_z": paper_z, "excess_z": np.full(n, np.nan)}
+    if rule.reference is not None:
+        if excess is None:
+            with blas().limit(limits=1, user_api="blas"):
+                excess = rule.reference.excess(paper_scores, embeddings, rule.reference_k)
+        parts["excess_z"] = (np.asarray(excess, np.float64) - rule.excess_median) / rule.excess_scale
     if n < max(rule.min_size, rule.k + 1, rule.directions + 1):
         nothing = np.full(n, np.nan)
         parts |= {"sparsity_z": nothing, "pooled_z": nothing, "spectrum_z": nothing}
@@ -257,12 +327,13 @@ def as_float32(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: part.astype(np.float32) for name, part in parts.items()}
 
 
-def score_windows(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray,
-                  rule: WindowRule) -> WindowScores:
+def score_windows(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np.ndarray, rule: WindowRule,
+                  excess: np.ndarray | None = None) -> WindowScores:
     """In-memory arrays cut into consecutive windows of ``rule.size``, as the stage cuts a shard (calibration
     on reference images, benchmarks)."""
+    cut = range(0, len(paper_scores), rule.size)
     judged = [score_window(paper_scores[i:i + rule.size], embeddings[i:i + rule.size], residuals[i:i + rule.size],
-                           rule) for i in range(0, len(paper_scores), rule.size)]
+                           rule, None if excess is None else excess[i:i + rule.size]) for i in cut]
     return WindowScores(np.concatenate([w.score for w in judged]),
                         {name: np.concatenate([w.parts[name] for w in judged]) for name in PARTS},
                         np.concatenate([w.collapse for w in judged]))
@@ -277,9 +348,10 @@ def filter_scores(scorer: Scorer, images: np.ndarray, keys: Sequence[str], rule:
 
 def calibrate(scorer: Scorer, images: np.ndarray, rule: WindowRule | None, fpr: float | None = None,
               fraction: float | None = None) -> tuple[Threshold, WindowRule | None]:
-    """The threshold (and the rule with its collapse shift) from reference images cut into windows: at most
-    ``fpr`` of clean references above it, or the top ``fraction`` of a sample of the data itself (a removal
-    budget). ``rule`` None: the paper score alone. What ``dedefilter calibrate`` runs."""
+    """The threshold (and the rule with its scales, collapse shift and, at a false-positive rate, its clean
+    reference) from reference images cut into windows: at most ``fpr`` of clean references above it, or the
+    top ``fraction`` of a sample of the data itself (a removal budget; that sample may be poisoned, so it is
+    no clean reference). ``rule`` None: the paper score alone. What ``dedefilter calibrate`` runs."""
     return calibrate_scored(score_reference(scorer, images, residuals=rule is not None), rule, fpr, fraction)
 
 
@@ -303,11 +375,19 @@ def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | 
         raise ValueError("no finite reference score to calibrate on")
     median, scale = robust_scale(scored.scores[finite])
     rule = replace(rule.uncalibrated(), paper_median=median, paper_scale=scale)
-    judged = score_windows(scored.scores, scored.embeddings, scored.residuals, rule)
+    excess = None
+    if fpr is not None:  # clean references: each one's excess error among the others sets the excess scale
+        reference = CleanReference(scored.embeddings[finite], scored.scores[finite])
+        own = reference.excess(reference.scores, reference.embeddings, rule.reference_k, own=True)
+        excess_median, excess_scale = robust_scale(own)
+        rule = replace(rule, reference=reference, excess_median=excess_median, excess_scale=excess_scale)
+        excess = np.full(len(finite), np.nan)
+        excess[finite] = own
+    judged = score_windows(scored.scores, scored.embeddings, scored.residuals, rule, excess)
     quiet, collapsed = quiet_score(judged.parts, rule), collapsed_score(judged.parts)
     usable = np.isfinite(quiet) & np.isfinite(collapsed)  # windows of at least min_size
     if usable.any():
         shift = upper_quantile(quiet[usable], level) - upper_quantile(collapsed[usable], level)
         rule = replace(rule, collapse_shift=float(np.float32(shift)))
-    scores = score_windows(scored.scores, scored.embeddings, scored.residuals, rule).score
+    scores = score_windows(scored.scores, scored.embeddings, scored.residuals, rule, excess).score
     return make(scores, level, "window"), rule

@@ -13,7 +13,7 @@ import torch
 
 from dedefilter import CheckpointError, DeDeFilter, Detector, Scorer, load_encoder
 from dedefilter.encoders import EncoderInput
-from dedefilter.window import WindowRule
+from dedefilter.window import WindowRule, calibrate
 
 
 def test_round_trip_keeps_scores_threshold_and_id(tmp_path, detector, encoder, shard_data):
@@ -86,6 +86,21 @@ def test_a_threshold_calibrated_with_another_versions_window_rule_is_dropped_and
     assert loaded.model_id == detector.model_id and "calibrate it again" in caplog.text
     with pytest.raises(ValueError, match="no threshold"):
         DeDeFilter(Scorer(encoder, loaded))
+
+
+def test_the_clean_reference_round_trips_and_a_malformed_one_is_refused(tmp_path, detector, encoder, fmnist_test):
+    images, _ = fmnist_test
+    threshold, rule = calibrate(Scorer(encoder, detector), images[7000:7300], WindowRule(size=100), fpr=0.05)
+    detector.with_threshold(threshold, rule).save(tmp_path / "det.pt")
+    loaded = Detector.load(tmp_path / "det.pt", encoder.fingerprint).window
+    assert loaded == rule and loaded.reference is not None
+    assert np.array_equal(loaded.reference.embeddings, rule.reference.embeddings)
+    assert np.array_equal(loaded.reference.scores, rule.reference.scores)
+    bad = torch.load(tmp_path / "det.pt", weights_only=True)
+    bad["window_reference"]["embeddings"] = bad["window_reference"]["embeddings"][:, :5]  # another encoder's
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="reference embeddings have 5 dimensions"):
+        Detector.load(tmp_path / "bad.pt", encoder.fingerprint)
 
 
 class Payload:

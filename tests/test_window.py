@@ -14,8 +14,17 @@ import torch
 
 from dedefilter import DeDeFilter, StageConfig, filter_shards, fixed, for_false_positive_rate
 from dedefilter.metrics import auroc
-from dedefilter.scoring import Scorer
-from dedefilter.window import WindowRule, calibrate, filter_scores, score_window, score_windows, spectrum
+from dedefilter.scoring import ScoredBatch, Scorer
+from dedefilter.window import (
+    CleanReference,
+    WindowRule,
+    calibrate,
+    calibrate_scored,
+    filter_scores,
+    score_window,
+    score_windows,
+    spectrum,
+)
 
 RULE = WindowRule(size=1000)
 CALIBRATED = replace(RULE, paper_median=0.04, paper_scale=0.02)  # as calibrate sets it on clean_window's scores
@@ -148,6 +157,49 @@ def test_a_short_window_and_non_finite_scores_fall_back_to_the_quiet_score_and_n
     assert np.isnan(judged.score[5]) and np.isfinite(np.delete(judged.score, 5)).all()
     alone = score_window(np.delete(scores, 5), np.delete(embeddings, 5, 0), np.delete(residuals, 5, 0), RULE)
     assert np.array_equal(np.delete(judged.score, 5), alone.score)  # a broken sample does not move the others
+
+
+def clean_reference(rng: np.random.Generator, n: int = 2000, dim: int = 32):
+    """Clean images of ten classes, some far harder to draw than others: the decoder's error grows with the class."""
+    centres = rng.normal(size=(10, dim))
+    classes = rng.integers(0, 10, n)
+    embeddings = centres[classes] + 0.3 * rng.normal(size=(n, dim))
+    return rng.gamma(4.0, 0.01, n) * (1 + classes), embeddings, centres
+
+
+def test_the_excess_error_finds_a_triggered_image_that_the_paper_score_hides_among_hard_clean_ones():
+    rng = np.random.default_rng(9)
+    scores, embeddings, centres = clean_reference(rng)
+    reference = CleanReference(embeddings, scores)
+    # new clean images of every class, and triggered ones: embedded like class 0 (the target, easy to draw),
+    # drawn badly, though no worse than a typical clean image of the hard classes
+    clean = rng.integers(0, 10, 500)
+    new = np.concatenate([centres[clean], np.repeat(centres[:1], 20, 0)]) + 0.3 * rng.normal(size=(520, 32))
+    new_scores = np.concatenate([rng.gamma(4.0, 0.01, 500) * (1 + clean), np.full(20, 0.25)])
+    truth = np.arange(520) >= 500
+    assert auroc(new_scores, truth) < 0.9
+    assert auroc(reference.excess(new_scores, new, k=8), truth) == 1.0
+    own = reference.excess(scores, embeddings, k=8, own=True)  # each reference image left out of its neighbours
+    assert abs(np.median(own)) < 0.1 and np.isfinite(own).all()
+
+
+def test_a_clean_reference_is_kept_at_a_false_positive_rate_and_never_from_a_removal_budget():
+    rng = np.random.default_rng(10)
+    scores, embeddings, _ = clean_reference(rng, n=1000)
+    scored = ScoredBatch(scores, embeddings, rng.normal(size=(1000, 192)))
+    threshold, rule = calibrate_scored(scored, RULE, fpr=0.01)
+    assert rule.reference is not None and rule.reference_k == 8 and 0.5 < rule.excess_scale < 2
+    on_reference = score_windows(scores, embeddings, scored.residuals, rule).score  # each its own neighbour now
+    assert 0.0 <= float((on_reference > threshold.value).mean()) <= 0.01
+    _, budget = calibrate_scored(scored, RULE, fraction=0.02)  # a sample of the data itself may be poisoned
+    assert budget.reference is None and budget.excess_scale == 1.0
+    # a quiet window scores paper + excess z on the calibration's scales, whatever else the window holds
+    judged = score_window(scores[:500], embeddings[:500], scored.residuals[:500], rule)
+    alone = score_window(scores[:100], embeddings[:100], scored.residuals[:100], rule)
+    excess = (rule.reference.excess(scores[:500], embeddings[:500], 8) - rule.excess_median) / rule.excess_scale
+    assert not judged.collapse.any() and not alone.collapse.any()
+    assert np.allclose(judged.score, (scores[:500] - rule.paper_median) / rule.paper_scale + excess, atol=1e-5)
+    assert np.array_equal(judged.score[:100], alone.score)
 
 
 def test_windows_follow_the_rule_size_and_are_independent():
