@@ -75,24 +75,25 @@ class CleanReference:
         object.__setattr__(self, "_unit", self.unit(embeddings))
 
     def unit(self, embeddings: np.ndarray) -> np.ndarray:
-        """Embeddings centred on the reference's mean and scaled to unit length: a fixed geometry, so a
-        sample's neighbours do not depend on what else is scored with it."""
+        """Embeddings centred on the reference's mean and scaled to unit length (float32): a fixed geometry,
+        so a sample's neighbours do not depend on what else is scored with it."""
         centred = np.asarray(embeddings, np.float64) - self._centre
-        return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+        return (centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     def excess(self, paper_scores: np.ndarray, embeddings: np.ndarray, k: int, own: bool = False) -> np.ndarray:
         """log(paper score / median paper score of the k nearest reference images); ``own``: the samples are
-        the reference images themselves, each left out of its own neighbours."""
+        the reference images themselves, each left out of its own neighbours. A partial sort of one float32
+        similarity block: ~10x cheaper than sorting it, and the median needs only which k are nearest."""
         k = min(k, len(self.scores) - 1)
         unit = self.unit(embeddings)
         expected = np.empty(len(unit))
         for start in range(0, len(unit), BLOCK):
             rows = np.arange(start, min(start + BLOCK, len(unit)))
-            distance = 1 - unit[rows] @ self._unit.T
+            similarity = unit[rows] @ self._unit.T
             if own:
-                distance[np.arange(len(rows)), rows] = np.inf
-            order = np.argsort(distance, axis=1, kind="stable")[:, :k]
-            expected[rows] = np.median(self.scores[order], axis=1)
+                similarity[np.arange(len(rows)), rows] = -np.inf
+            nearest_k = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+            expected[rows] = np.median(self.scores[nearest_k], axis=1)
         paper_scores = np.asarray(paper_scores, np.float64)
         return np.log(np.maximum(paper_scores, 1e-30)) - np.log(expected)
 
