@@ -77,8 +77,7 @@ class CleanReference:
     def unit(self, embeddings: np.ndarray) -> np.ndarray:
         """Embeddings centred on the reference's mean and scaled to unit length (float32): a fixed geometry,
         so a sample's neighbours do not depend on what else is scored with it."""
-        centred = np.asarray(embeddings, np.float64) - self._centre
-        return (centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return unit_rows(embeddings, self._centre).astype(np.float32)
 
     def excess(self, paper_scores: np.ndarray, embeddings: np.ndarray, k: int, own: bool = False) -> np.ndarray:
         """log(paper score / median paper score of the k nearest reference images); ``own``: the samples are
@@ -174,10 +173,11 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (np.asarray(values, np.float64) - median) / scale
 
 
-def unit_rows(embeddings: np.ndarray) -> np.ndarray:
-    """Embeddings centred on the window's mean and scaled to unit length (cosine geometry)."""
+def unit_rows(embeddings: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
+    """Embeddings centred (on ``centre``, else on the window's own mean) and scaled to unit length (cosine
+    geometry)."""
     embeddings = np.asarray(embeddings, np.float64)
-    centred = embeddings - embeddings.mean(0)
+    centred = embeddings - (embeddings.mean(0) if centre is None else centre)
     return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
 
