@@ -5,8 +5,11 @@ With clean reference images (``calibrate`` at a false-positive rate) a sample's 
 against what the decoder does on the clean images the encoder embeds like it (its *excess* error: log of
 its error over the median error of its k nearest reference images): a hard clean image sits among hard
 ones, but a triggered image is embedded like the attacker's target, whose clean images the decoder draws
-well. This needs no window and works at any poison share; a reference sampled from the data itself
-(``calibrate`` with a removal budget) may hold triggered images as their own neighbours, so it is not used.
+well. This needs no window and works at any poison share. Without clean images (``calibrate`` with a
+removal budget) a sample of the data itself stands in, less its most suspicious images (:func:`presumed_clean`),
+and a sample's expected error is the median of more neighbours, so the triggered images left in it are
+outvoted; a sample with more images standing out than it trims, or whose windows collapse, is too poisoned
+to stand in, and the paper score decides alone.
 
 When a window holds many triggered images, a backdoor leaves traces only a set of samples shows: the
 encoder maps them near one target embedding (a *collapse*), so a triggered image's neighbours are
@@ -111,6 +114,11 @@ class WindowRule:
     size: int = 1000  # samples per window (the memory bound); a shard's tail may be shorter
     k: int = 16  # neighbours for pooling and sparsity (Huang et al. use 16)
     reference_k: int = 8  # clean reference images whose median error is a sample's expected error
+    # without clean images: a sample of the stream less its stream_trim highest paper scores stands in (if no
+    # more than stream_trim of it stands out, paper z above collapse_paper_z, and no window of it collapses),
+    # with stream_k neighbours: a median the triggered images left in it cannot set
+    stream_trim: float = 0.05
+    stream_k: int = 32
     directions: int = 3  # top principal directions of the residuals searched for a shared pattern
     outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
     collapse_count: int = 4  # this many outstanding samples that are each other's neighbours make a collapse
@@ -126,13 +134,15 @@ class WindowRule:
     min_size: int = 64  # a smaller window gets the quiet score
     # Set by calibration (:func:`calibrate`). The quiet score is the paper score on the reference images' robust
     # scale, (score - paper_median) / paper_scale, plus, with a clean reference, the excess error on its scale
-    # (excess_median, excess_scale: the reference images' own, each left out of its neighbours). The collapse
+    # (excess_median, excess_scale: the reference images' own, each left out of its neighbours; excess_k:
+    # reference_k for clean references, stream_k for a presumed-clean sample of the stream). The collapse
     # shift is added to a collapsed window's score so that its clean reference quantile at the cut's level meets
     # the quiet score's (tails of different weight).
     paper_median: float = 0.0
     paper_scale: float = 1.0
     excess_median: float = 0.0
     excess_scale: float = 1.0
+    excess_k: int = 8
     collapse_shift: float = 0.0
     reference: CleanReference | None = field(default=None, compare=False, repr=False)  # stored beside the rule
 
@@ -148,7 +158,7 @@ class WindowRule:
     def uncalibrated(self) -> WindowRule:
         """The rule without what :func:`calibrate` sets."""
         return replace(self, paper_median=0.0, paper_scale=1.0, excess_median=0.0, excess_scale=1.0,
-                       collapse_shift=0.0, reference=None)
+                       excess_k=self.reference_k, collapse_shift=0.0, reference=None)
 
 
 @dataclass
@@ -306,7 +316,7 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
     if rule.reference is not None:
         if excess is None:
             with blas().limit(limits=1, user_api="blas"):
-                excess = rule.reference.excess(paper_scores, embeddings, rule.reference_k)
+                excess = rule.reference.excess(paper_scores, embeddings, rule.excess_k)
         parts["excess_z"] = (np.asarray(excess, np.float64) - rule.excess_median) / rule.excess_scale
     if n < max(rule.min_size, rule.k + 1, rule.directions + 1):
         nothing = np.full(n, np.nan)
@@ -351,8 +361,9 @@ def calibrate(scorer: Scorer, images: np.ndarray, rule: WindowRule | None, fpr: 
               fraction: float | None = None) -> tuple[Threshold, WindowRule | None]:
     """The threshold (and the rule with its scales, collapse shift and, at a false-positive rate, its clean
     reference) from reference images cut into windows: at most ``fpr`` of clean references above it, or the
-    top ``fraction`` of a sample of the data itself (a removal budget; that sample may be poisoned, so it is
-    no clean reference). ``rule`` None: the paper score alone. What ``dedefilter calibrate`` runs."""
+    top ``fraction`` of a sample of the data itself (a removal budget; that sample may be poisoned, so only
+    what :func:`presumed_clean` keeps of it serves as reference). ``rule`` None: the paper score alone. What
+    ``dedefilter calibrate`` runs."""
     return calibrate_scored(score_reference(scorer, images, residuals=rule is not None), rule, fpr, fraction)
 
 
@@ -360,6 +371,20 @@ def score_reference(scorer: Scorer, images: np.ndarray, residuals: bool = True) 
     """Reference images scored as :func:`calibrate` scores them (keyed ``reference-0``, ``reference-1``, ...),
     to calibrate several rules on one scoring with :func:`calibrate_scored`."""
     return scorer.score_all(images, [f"reference-{i}" for i in range(len(images))], residuals=residuals)
+
+
+def presumed_clean(scored: ScoredBatch, rule: WindowRule) -> np.ndarray | None:
+    """Rows of a sample of the stream that stand in for clean reference images when there are none: all but
+    its ``stream_trim`` highest paper scores, if that trims every image that stands out (paper z above
+    ``collapse_paper_z``) and no window of it collapses. Else None: too poisoned to stand in (the triggered
+    images left would be each other's neighbours, and their excess error would hide them)."""
+    rows = np.flatnonzero(np.isfinite(scored.scores))
+    scores = scored.scores[rows]
+    if np.mean(robust_z(scores) > rule.collapse_paper_z) > rule.stream_trim:
+        return None
+    if score_windows(scored.scores, scored.embeddings, scored.residuals, rule.uncalibrated()).collapse.any():
+        return None
+    return rows[scores <= np.quantile(scores, 1 - rule.stream_trim)]
 
 
 def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | None = None,
@@ -377,13 +402,17 @@ def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | 
     median, scale = robust_scale(scored.scores[finite])
     rule = replace(rule.uncalibrated(), paper_median=median, paper_scale=scale)
     excess = None
-    if fpr is not None:  # clean references: each one's excess error among the others sets the excess scale
-        reference = CleanReference(scored.embeddings[finite], scored.scores[finite])
-        own = reference.excess(reference.scores, reference.embeddings, rule.reference_k, own=True)
+    rows = np.flatnonzero(finite) if fpr is not None else presumed_clean(scored, rule)
+    if rows is not None:  # each reference image's excess error among the others sets the excess scale
+        k = rule.reference_k if fpr is not None else rule.stream_k
+        reference = CleanReference(scored.embeddings[rows], scored.scores[rows])
+        own = reference.excess(reference.scores, reference.embeddings, k, own=True)
         excess_median, excess_scale = robust_scale(own)
-        rule = replace(rule, reference=reference, excess_median=excess_median, excess_scale=excess_scale)
+        rule = replace(rule, reference=reference, excess_k=k, excess_median=excess_median, excess_scale=excess_scale)
         excess = np.full(len(finite), np.nan)
-        excess[finite] = own
+        excess[rows] = own
+        if len(trimmed := np.setdiff1d(np.flatnonzero(finite), rows)):
+            excess[trimmed] = reference.excess(scored.scores[trimmed], scored.embeddings[trimmed], k)
     judged = score_windows(scored.scores, scored.embeddings, scored.residuals, rule, excess)
     quiet, collapsed = quiet_score(judged.parts, rule), collapsed_score(judged.parts)
     usable = np.isfinite(quiet) & np.isfinite(collapsed)  # windows of at least min_size
