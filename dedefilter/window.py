@@ -108,8 +108,9 @@ class WindowRule:
     was held out until they were frozen); the collapse test's paper z and bulk conditions on the detection
     sweep's first two draws of the streams, with a third held out; "two of three" and the fixed scale of quiet
     windows on the first draw, with two attacks and a fourth draw held out; the excess error (its k, its median,
-    its plain sum with the paper score, a clean reference only) on the first draw, with the attack
-    drupe-patch-trouser and the fourth draw held out (docs/BENCHMARKS.md)."""
+    its plain sum with the paper score) on the first draw, with the attack drupe-patch-trouser and the fourth
+    draw held out; the stream's stand-in reference (stream_trim, stream_k, the gates) on the first draw's self
+    detectors of three attacks, with the other three held out (docs/BENCHMARKS.md)."""
 
     size: int = 1000  # samples per window (the memory bound); a shard's tail may be shorter
     k: int = 16  # neighbours for pooling and sparsity (Huang et al. use 16)
