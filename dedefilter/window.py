@@ -59,7 +59,8 @@ BLOCK = 1024  # rows of the similarity matrix held at once
 @dataclass(frozen=True, eq=False)
 class CleanReference:
     """Clean reference images' embeddings (R, D) and paper scores (R,): what error the decoder makes on clean
-    images the encoder embeds alike. Set by :func:`calibrate` at a false-positive rate, stored in the detector."""
+    images the encoder embeds alike (or what :func:`presumed_clean` keeps of a sample of the stream). Set by
+    :func:`calibrate`, stored in the detector."""
 
     embeddings: np.ndarray
     scores: np.ndarray
@@ -134,7 +135,7 @@ class WindowRule:
     collapse_bulk_share: float = 0.7
     min_size: int = 64  # a smaller window gets the quiet score
     # Set by calibration (:func:`calibrate`). The quiet score is the paper score on the reference images' robust
-    # scale, (score - paper_median) / paper_scale, plus, with a clean reference, the excess error on its scale
+    # scale, (score - paper_median) / paper_scale, plus, with a reference, the excess error on its scale
     # (excess_median, excess_scale: the reference images' own, each left out of its neighbours; excess_k:
     # reference_k for clean references, stream_k for a presumed-clean sample of the stream). The collapse
     # shift is added to a collapsed window's score so that its clean reference quantile at the cut's level meets
@@ -275,7 +276,7 @@ def collapse_test(outstanding: np.ndarray, paper_z: np.ndarray, embeddings: np.n
 
 def quiet_score(parts: dict[str, np.ndarray], rule: WindowRule) -> np.ndarray:
     """The score of a window without a collapse: the paper score on the calibration's fixed scale, plus the
-    excess error's z when there is a clean reference; neither depends on the window."""
+    excess error's z when there is a reference; neither depends on the window."""
     paper = (np.asarray(parts["paper_score"], np.float64) - rule.paper_median) / rule.paper_scale
     return paper if rule.reference is None else paper + parts["excess_z"]
 
@@ -360,11 +361,11 @@ def filter_scores(scorer: Scorer, images: np.ndarray, keys: Sequence[str], rule:
 
 def calibrate(scorer: Scorer, images: np.ndarray, rule: WindowRule | None, fpr: float | None = None,
               fraction: float | None = None) -> tuple[Threshold, WindowRule | None]:
-    """The threshold (and the rule with its scales, collapse shift and, at a false-positive rate, its clean
-    reference) from reference images cut into windows: at most ``fpr`` of clean references above it, or the
-    top ``fraction`` of a sample of the data itself (a removal budget; that sample may be poisoned, so only
-    what :func:`presumed_clean` keeps of it serves as reference). ``rule`` None: the paper score alone. What
-    ``dedefilter calibrate`` runs."""
+    """The threshold (and the rule with its scales, collapse shift and reference: clean at a false-positive
+    rate, presumed clean at a budget) from reference images cut into windows: at most ``fpr`` of clean
+    references above it, or the top ``fraction`` of a sample of the data itself (a removal budget; that
+    sample may be poisoned, so only what :func:`presumed_clean` keeps of it serves as reference). ``rule``
+    None: the paper score alone. What ``dedefilter calibrate`` runs."""
     return calibrate_scored(score_reference(scorer, images, residuals=rule is not None), rule, fpr, fraction)
 
 
