@@ -18,8 +18,7 @@ Per attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.regis
   (paper scores, embeddings, residuals); each stream is assembled from those arrays, and
   ``paper`` is its paper score, ``shipped`` :func:`dedefilter.window.score_windows` with the default
   :class:`~dedefilter.window.WindowRule` (with the scales, collapse shift and, at a false-positive rate, the
-  clean reference calibration set; for ``self`` the presumed-clean part of the stream's first 2,000,
-  :func:`dedefilter.window.presumed_clean`) over its windows: what
+  clean reference calibration set; ``self`` has no clean reference) over its windows: what
   ``filter`` runs with a detector calibrated by ``calibrate`` (default ``--window 1000``); ``audit`` the
   order ``dedefilter audit`` + ``select --separated`` removes in over the whole stream (its separated
   collapse regions first, then the shipped score; flags at the shipped threshold).
@@ -462,8 +461,7 @@ def markdown(report: dict) -> str:
         f"{config['epochs']} epochs on {config['n_aux']} auxiliary images. Thresholds: "
         f"{config['target_fpr']:.0%} FPR on {config['n_reference']} clean reference images; "
         f"self: a {config['budget']:.0%} budget on the stream's first "
-        f"{config['n_reference']} (which, less its top {WindowRule().stream_trim:.0%}, is the excess error's reference "
-        "unless more of it stands out or a window of it collapses). shipped = `WindowRule()` over the stream's "
+        f"{config['n_reference']} (no clean reference, so no excess error). shipped = `WindowRule()` over the stream's "
         "windows, as `dedefilter filter` runs it; "
         "paper = the paper score alone.", "",
         f"Attacks in this file: {', '.join(attacks) or 'none'}"

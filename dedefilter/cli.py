@@ -422,8 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--contamination", "--budget", type=float, dest="contamination",
                      help="flag this share of the reference images: their expected poisoned fraction, or, with a "
                           "sample of the very shards to filter as --reference, a removal budget (drop about this "
-                          "share; no clean data needed: the sample, less its most suspicious 5%%, also serves as "
-                          "the excess error's reference)")
+                          "share; no clean data needed)")
     how.add_argument("--value", type=float, help="a fixed threshold")
     p.add_argument("--window", type=count(0), default=WindowRule().size,
                    help=f"judge each sample within windows of this many samples of its shard (default "

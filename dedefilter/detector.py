@@ -4,12 +4,11 @@ Two resolutions live in a checkpoint: the decoder's (``config.image_size``, ``co
 the encoder's input it was trained with (:class:`~dedefilter.encoders.EncoderInput`; checkpoints from
 before it was recorded use the encoder's own, which was 32x32 for every encoder they could be made for).
 The window rule (:class:`~dedefilter.window.WindowRule`) its threshold was calibrated with is stored too,
-with its reference images' embeddings and paper scores when it has them (clean, or presumed clean; float32
-tensors beside the rule), so the filter decides as calibration did; a rule with other settings than this
-version's (made by another version) cannot be rebuilt, so that threshold is dropped, with a warning, and
-must be calibrated again. Checkpoints hold only tensors and plain values and load with
-``weights_only=True``, so a file from a stranger cannot run code; a detector made for another encoder is
-refused.
+with its clean reference images' embeddings and paper scores when it has them (float32 tensors beside the
+rule), so the filter decides as calibration did; a rule with other settings than this version's (made by
+another version) cannot be rebuilt, so that threshold is dropped, with a warning, and must be calibrated
+again. Checkpoints hold only tensors and plain values and load with ``weights_only=True``, so a file from
+a stranger cannot run code; a detector made for another encoder is refused.
 """
 
 from __future__ import annotations

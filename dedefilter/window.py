@@ -5,11 +5,8 @@ With clean reference images (``calibrate`` at a false-positive rate) a sample's 
 against what the decoder does on the clean images the encoder embeds like it (its *excess* error: log of
 its error over the median error of its k nearest reference images): a hard clean image sits among hard
 ones, but a triggered image is embedded like the attacker's target, whose clean images the decoder draws
-well. This needs no window and works at any poison share. Without clean images (``calibrate`` with a
-removal budget) a sample of the data itself stands in, less its most suspicious images (:func:`presumed_clean`),
-and a sample's expected error is the median of more neighbours, so the triggered images left in it are
-outvoted; a sample with more images standing out than it trims, or whose windows collapse, is too poisoned
-to stand in, and the paper score decides alone.
+well. This needs no window and works at any poison share; a reference sampled from the data itself
+(``calibrate`` with a removal budget) may hold triggered images as their own neighbours, so it is not used.
 
 When a window holds many triggered images, a backdoor leaves traces only a set of samples shows: the
 encoder maps them near one target embedding (a *collapse*), so a triggered image's neighbours are
@@ -59,8 +56,7 @@ BLOCK = 1024  # rows of the similarity matrix held at once
 @dataclass(frozen=True, eq=False)
 class CleanReference:
     """Clean reference images' embeddings (R, D) and paper scores (R,): what error the decoder makes on clean
-    images the encoder embeds alike (or what :func:`presumed_clean` keeps of a sample of the stream). Set by
-    :func:`calibrate`, stored in the detector."""
+    images the encoder embeds alike. Set by :func:`calibrate` at a false-positive rate, stored in the detector."""
 
     embeddings: np.ndarray
     scores: np.ndarray
@@ -109,18 +105,12 @@ class WindowRule:
     was held out until they were frozen); the collapse test's paper z and bulk conditions on the detection
     sweep's first two draws of the streams, with a third held out; "two of three" and the fixed scale of quiet
     windows on the first draw, with two attacks and a fourth draw held out; the excess error (its k, its median,
-    its plain sum with the paper score) on the first draw, with the attack drupe-patch-trouser and the fourth
-    draw held out; the stream's stand-in reference (stream_trim, stream_k, the gates) on the first draw's self
-    detectors of three attacks, with the other three held out (docs/BENCHMARKS.md)."""
+    its plain sum with the paper score, a clean reference only) on the first draw, with the attack
+    drupe-patch-trouser and the fourth draw held out (docs/BENCHMARKS.md)."""
 
     size: int = 1000  # samples per window (the memory bound); a shard's tail may be shorter
     k: int = 16  # neighbours for pooling and sparsity (Huang et al. use 16)
     reference_k: int = 8  # clean reference images whose median error is a sample's expected error
-    # without clean images: a sample of the stream less its stream_trim highest paper scores stands in (if no
-    # more than stream_trim of it stands out, paper z above collapse_paper_z, and no window of it collapses),
-    # with stream_k neighbours: a median the triggered images left in it cannot set
-    stream_trim: float = 0.05
-    stream_k: int = 32
     directions: int = 3  # top principal directions of the residuals searched for a shared pattern
     outlier: float = 4.0  # a sample stands out in a direction beyond this many robust standard deviations
     collapse_count: int = 4  # this many outstanding samples that are each other's neighbours make a collapse
@@ -135,16 +125,14 @@ class WindowRule:
     collapse_bulk_share: float = 0.7
     min_size: int = 64  # a smaller window gets the quiet score
     # Set by calibration (:func:`calibrate`). The quiet score is the paper score on the reference images' robust
-    # scale, (score - paper_median) / paper_scale, plus, with a reference, the excess error on its scale
-    # (excess_median, excess_scale: the reference images' own, each left out of its neighbours; excess_k:
-    # reference_k for clean references, stream_k for a presumed-clean sample of the stream). The collapse
+    # scale, (score - paper_median) / paper_scale, plus, with a clean reference, the excess error on its scale
+    # (excess_median, excess_scale: the reference images' own, each left out of its neighbours). The collapse
     # shift is added to a collapsed window's score so that its clean reference quantile at the cut's level meets
     # the quiet score's (tails of different weight).
     paper_median: float = 0.0
     paper_scale: float = 1.0
     excess_median: float = 0.0
     excess_scale: float = 1.0
-    excess_k: int = 8
     collapse_shift: float = 0.0
     reference: CleanReference | None = field(default=None, compare=False, repr=False)  # stored beside the rule
 
@@ -160,7 +148,7 @@ class WindowRule:
     def uncalibrated(self) -> WindowRule:
         """The rule without what :func:`calibrate` sets."""
         return replace(self, paper_median=0.0, paper_scale=1.0, excess_median=0.0, excess_scale=1.0,
-                       excess_k=self.reference_k, collapse_shift=0.0, reference=None)
+                       collapse_shift=0.0, reference=None)
 
 
 @dataclass
@@ -276,7 +264,7 @@ def collapse_test(outstanding: np.ndarray, paper_z: np.ndarray, embeddings: np.n
 
 def quiet_score(parts: dict[str, np.ndarray], rule: WindowRule) -> np.ndarray:
     """The score of a window without a collapse: the paper score on the calibration's fixed scale, plus the
-    excess error's z when there is a reference; neither depends on the window."""
+    excess error's z when there is a clean reference; neither depends on the window."""
     paper = (np.asarray(parts["paper_score"], np.float64) - rule.paper_median) / rule.paper_scale
     return paper if rule.reference is None else paper + parts["excess_z"]
 
@@ -318,7 +306,7 @@ def score_window(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: np
     if rule.reference is not None:
         if excess is None:
             with blas().limit(limits=1, user_api="blas"):
-                excess = rule.reference.excess(paper_scores, embeddings, rule.excess_k)
+                excess = rule.reference.excess(paper_scores, embeddings, rule.reference_k)
         parts["excess_z"] = (np.asarray(excess, np.float64) - rule.excess_median) / rule.excess_scale
     if n < max(rule.min_size, rule.k + 1, rule.directions + 1):
         nothing = np.full(n, np.nan)
@@ -361,11 +349,10 @@ def filter_scores(scorer: Scorer, images: np.ndarray, keys: Sequence[str], rule:
 
 def calibrate(scorer: Scorer, images: np.ndarray, rule: WindowRule | None, fpr: float | None = None,
               fraction: float | None = None) -> tuple[Threshold, WindowRule | None]:
-    """The threshold (and the rule with its scales, collapse shift and reference: clean at a false-positive
-    rate, presumed clean at a budget) from reference images cut into windows: at most ``fpr`` of clean
-    references above it, or the top ``fraction`` of a sample of the data itself (a removal budget; that
-    sample may be poisoned, so only what :func:`presumed_clean` keeps of it serves as reference). ``rule``
-    None: the paper score alone. What ``dedefilter calibrate`` runs."""
+    """The threshold (and the rule with its scales, collapse shift and, at a false-positive rate, its clean
+    reference) from reference images cut into windows: at most ``fpr`` of clean references above it, or the
+    top ``fraction`` of a sample of the data itself (a removal budget; that sample may be poisoned, so it is
+    no clean reference). ``rule`` None: the paper score alone. What ``dedefilter calibrate`` runs."""
     return calibrate_scored(score_reference(scorer, images, residuals=rule is not None), rule, fpr, fraction)
 
 
@@ -373,20 +360,6 @@ def score_reference(scorer: Scorer, images: np.ndarray, residuals: bool = True) 
     """Reference images scored as :func:`calibrate` scores them (keyed ``reference-0``, ``reference-1``, ...),
     to calibrate several rules on one scoring with :func:`calibrate_scored`."""
     return scorer.score_all(images, [f"reference-{i}" for i in range(len(images))], residuals=residuals)
-
-
-def presumed_clean(scored: ScoredBatch, rule: WindowRule) -> np.ndarray | None:
-    """Rows of a sample of the stream that stand in for clean reference images when there are none: all but
-    its ``stream_trim`` highest paper scores, if that trims every image that stands out (paper z above
-    ``collapse_paper_z``) and no window of it collapses. Else None: too poisoned to stand in (the triggered
-    images left would be each other's neighbours, and their excess error would hide them)."""
-    rows = np.flatnonzero(np.isfinite(scored.scores))
-    scores = scored.scores[rows]
-    if np.mean(robust_z(scores) > rule.collapse_paper_z) > rule.stream_trim:
-        return None
-    if score_windows(scored.scores, scored.embeddings, scored.residuals, rule.uncalibrated()).collapse.any():
-        return None
-    return rows[scores <= np.quantile(scores, 1 - rule.stream_trim)]
 
 
 def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | None = None,
@@ -404,17 +377,13 @@ def calibrate_scored(scored: ScoredBatch, rule: WindowRule | None, fpr: float | 
     median, scale = robust_scale(scored.scores[finite])
     rule = replace(rule.uncalibrated(), paper_median=median, paper_scale=scale)
     excess = None
-    rows = np.flatnonzero(finite) if fpr is not None else presumed_clean(scored, rule)
-    if rows is not None:  # each reference image's excess error among the others sets the excess scale
-        k = rule.reference_k if fpr is not None else rule.stream_k
-        reference = CleanReference(scored.embeddings[rows], scored.scores[rows])
-        own = reference.excess(reference.scores, reference.embeddings, k, own=True)
+    if fpr is not None:  # clean references: each one's excess error among the others sets the excess scale
+        reference = CleanReference(scored.embeddings[finite], scored.scores[finite])
+        own = reference.excess(reference.scores, reference.embeddings, rule.reference_k, own=True)
         excess_median, excess_scale = robust_scale(own)
-        rule = replace(rule, reference=reference, excess_k=k, excess_median=excess_median, excess_scale=excess_scale)
+        rule = replace(rule, reference=reference, excess_median=excess_median, excess_scale=excess_scale)
         excess = np.full(len(finite), np.nan)
-        excess[rows] = own
-        if len(trimmed := np.setdiff1d(np.flatnonzero(finite), rows)):
-            excess[trimmed] = reference.excess(scored.scores[trimmed], scored.embeddings[trimmed], k)
+        excess[finite] = own
     judged = score_windows(scored.scores, scored.embeddings, scored.residuals, rule, excess)
     quiet, collapsed = quiet_score(judged.parts, rule), collapsed_score(judged.parts)
     usable = np.isfinite(quiet) & np.isfinite(collapsed)  # windows of at least min_size
