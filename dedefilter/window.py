@@ -81,10 +81,11 @@ class CleanReference:
 
     def excess(self, paper_scores: np.ndarray, embeddings: np.ndarray, k: int, own: bool = False) -> np.ndarray:
         """log(paper score / median paper score of the k nearest reference images); ``own``: the samples are
-        the reference images themselves, each left out of its own neighbours. A partial sort of one float32
+        the reference images themselves (their unit rows are already held), each left out of its own
+        neighbours. A partial sort of one float32
         similarity block: ~10x cheaper than sorting it, and the median needs only which k are nearest."""
         k = min(k, len(self.scores) - 1)
-        unit = self.unit(embeddings)
+        unit = self._unit if own else self.unit(embeddings)
         expected = np.empty(len(unit))
         for start in range(0, len(unit), BLOCK):
             rows = np.arange(start, min(start + BLOCK, len(unit)))
