@@ -66,8 +66,17 @@ from dedefilter.encoders import Encoder, embed_array, to_float
 from dedefilter.metrics import auroc, tpr_at_fpr
 from dedefilter.probe import train_linear_probe
 from dedefilter.scoring import ScoredBatch, Scorer
-from dedefilter.training import train_model
-from dedefilter.window import WindowRule, calibrate_scored, nearest, robust_z, score_reference, score_windows, sparsity
+from dedefilter.training import own_error, train_model
+from dedefilter.window import (
+    WindowRule,
+    calibrate_scored,
+    misfit,
+    nearest,
+    robust_z,
+    score_reference,
+    score_windows,
+    sparsity,
+)
 
 from . import detection_methods as methods
 
@@ -244,28 +253,32 @@ def audited(scores: np.ndarray, threshold: float, embeddings: np.ndarray) -> tup
 
 def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[str, np.ndarray] | None,
                   streams: list[Stream], baselines: dict[tuple[str, float], dict[str, np.ndarray]],
-                  predicted: np.ndarray, target: int, rule: WindowRule, config: BenchConfig) -> list[dict]:
+                  predicted: np.ndarray, target: int, rule: WindowRule, config: BenchConfig,
+                  detector_error: float | None) -> list[dict]:
     """Every (share, method) row of one detector: its pool scores assembled into each stream, the shipped
     window score over the stream's windows, the baselines' scores of the same stream.
 
     ``reference``: the baselines' scores on the clean reference windows and, for "shipped" and "paper",
     ``calibrate``'s (threshold, rule) on them (at ``target_fpr``); None for the self detector, whose
     thresholds are the ``budget`` cut of the stream's first ``n_reference`` samples, as ``calibrate
-    --budget`` sets it on the stream's first shards."""
+    --budget`` sets it on the stream's first shards. ``detector_error``: the detector's own error (its record's);
+    where its decoder does not fit the reference, calibration turns the rule off and "shipped" is the paper score,
+    as ``filter`` runs it then."""
     rows = []
     for stream in streams:
         r = stream.rows
         if reference is None:
             head_rows = r[:config.n_reference]
             head = ScoredBatch(*(a[head_rows] for a in (scored.scores, scored.embeddings, scored.residuals)))
-            calibrated = {"shipped": calibrate_scored(head, rule, fraction=config.budget),
+            calibrated = {"shipped": calibrate_scored(head, rule, fraction=config.budget, own_error=detector_error),
                           "paper": calibrate_scored(head, None, fraction=config.budget)}
         else:
             calibrated = {method: reference[method] for method in ("shipped", "paper")}
-        tuned = calibrated["shipped"][1]  # the rule with the collapse shift calibration set
+        tuned = calibrated["shipped"][1]  # the rule with the collapse shift calibration set; None: turned off
         calibrated["audit"] = calibrated["shipped"]  # the audit reads the filter's flags
-        window = score_windows(scored.scores[r], scored.embeddings[r], scored.residuals[r], tuned)
-        scores = {"paper": scored.scores[r].astype(np.float64), "shipped": window.score.astype(np.float64),
+        window = score_windows(scored.scores[r], scored.embeddings[r], scored.residuals[r], tuned) if tuned else None
+        scores = {"paper": scored.scores[r].astype(np.float64),
+                  "shipped": (window.score if tuned else scored.scores[r]).astype(np.float64),
                   **baselines[stream.kind, stream.share]}
         scores["audit"], separated = audited(scores["shipped"], calibrated["shipped"][0].value, scored.embeddings[r])
         for method in METHODS:
@@ -278,8 +291,11 @@ def detector_rows(attack: str, aux: str, scored: ScoredBatch, reference: dict[st
             row = {"attack": attack, "share": stream.share, "aux": aux, "method": method}
             row |= cell_metrics(s, threshold, stream, predicted[r], target)
             if method == "shipped":
-                row["collapsed_windows"] = int(window.collapse[::rule.size].sum())
-                row["collapse_shift"] = tuned.collapse_shift
+                row["collapsed_windows"] = int(window.collapse[::rule.size].sum()) if tuned else 0
+                row["collapse_shift"] = tuned.collapse_shift if tuned else None
+                row["misfit"] = misfit(scored.scores[r][:config.n_reference] if reference is None
+                                       else reference["reference_paper_scores"], detector_error)
+                row["rule_off"] = tuned is None
             if method == "audit":
                 row["separated_rows"] = int(separated.sum())
                 row["separated_triggered"] = int((separated & stream.triggered).sum())
@@ -329,9 +345,15 @@ def get_detector(encoder: Encoder, attack: str, mode: str, images: np.ndarray, c
     path = Path(config.cache_dir) / f"{attack}-{mode}-{key}.pt"
     if path.exists():
         try:
-            return Detector.load(path, encoder.fingerprint)
+            detector = Detector.load(path, encoder.fingerprint)
         except CheckpointError as err:
             log(f"retraining: {err}")
+        else:
+            if "own_error" not in detector.record:  # cached before training measured it: measure it as training does
+                detector.record["own_error"] = own_error(Scorer(encoder, detector, config.device), images)
+                detector.model.cpu()
+                detector.save(path)
+            return detector
     model, record = train_model(encoder, images, dede, log=lambda _: None, device=config.device)
     log(f"  trained the {mode} detector in {record['train_seconds']}s (loss {record['losses'][-1]})")
     detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"bench": made_with},
@@ -394,11 +416,13 @@ def evaluate_attack(name: str, config: BenchConfig, log) -> dict:
         reference_scores = None
         if mode != "self":  # as `dedefilter calibrate --reference ... --window 1000` (and --window 0), one scoring
             reference_scored = score_reference(scorer, reference)
-            reference_scores = {"shipped": calibrate_scored(reference_scored, rule, fpr=config.target_fpr),
+            reference_scores = {"shipped": calibrate_scored(reference_scored, rule, fpr=config.target_fpr,
+                                                            own_error=detector.record["own_error"]),
+                                "reference_paper_scores": reference_scored.scores,
                                 "paper": calibrate_scored(reference_scored, None, fpr=config.target_fpr)}
             reference_scores |= reference_baselines
         rows += detector_rows(name, mode, scored, reference_scores, streams[stream_kind(mode)], baselines, predicted,
-                              target, rule, config)
+                              target, rule, config, detector.record["own_error"])
         detector.model.cpu()
         mode_seconds[mode] = round(time.perf_counter() - mode_start, 1)
         shipped = {r["share"]: r["auroc"] for r in rows if r["aux"] == mode and r["method"] == "shipped"}
@@ -496,6 +520,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     worse = [(k, index[k]["auroc"], index[(*k[:3], "paper")]["auroc"]) for k in index
              if k[3] == "shipped" and index[k]["auroc"] < index[(*k[:3], "paper")]["auroc"] - 0.005]
+    off = sorted({(k[0], k[1], index[k]["misfit"]) for k in index if k[3] == "shipped" and index[k].get("rule_off")})
+    lines += ["", f"## Detectors whose decoder does not fit (misfit > {WindowRule().max_misfit}: shipped = paper)", ""]
+    lines += [f"- {a} / {aux}: draws the reference {m:.1f}x worse than its own training images"
+              for a, aux, m in off] or ["- none"]
     lines += ["", "## Cells where shipped < paper - 0.005 AUROC", ""]
     lines += [f"- {a} / {aux} / {pct(s)}: shipped {x:.3f}, paper {p:.3f}"
               for (a, aux, s, _), x, p in worse] or ["- none"]

@@ -212,7 +212,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         threshold, rule = window.calibrate(scorer, images, rule, fpr=args.fpr, fraction=args.contamination)
         threshold = replace(threshold, precision=args.precision)
     detector.with_threshold(threshold, rule).save(args.out or args.detector)
-    judged = f"judged in windows of {rule.size}" if rule else "the paper score alone"
+    judged = (f"judged in windows of {rule.size}" if rule else "the paper score alone"
+              + (": the window rule is off, the decoder does not fit these images" if args.window else ""))
     print(f"threshold {json.dumps(threshold.to_dict())} saved to {args.out or args.detector} ({judged})")
 
 

@@ -14,9 +14,13 @@ import torch
 
 from .config import DeDeConfig
 from .data import resize_square
+from .detector import Detector
 from .encoders import Encoder, embed_array, to_float
 from .masking import random_visible
 from .model import DeDeModel, masked_patch_mse, patchify
+from .scoring import Scorer
+
+OWN_ERROR_IMAGES = 2000  # training images scored for the decoder's own error
 
 
 def training_precision(requested: str, device: str = "cpu") -> str:
@@ -65,7 +69,18 @@ def train_model(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeDeC
             batches += 1
         losses.append(round(float(total) / batches, 5))
         log(f"dede epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.5f} ({time.perf_counter() - start:.0f}s)")
-    model.cpu().eval()
+    model.eval()
+    error = own_error(Scorer(encoder, Detector(model, encoder.name, encoder.fingerprint, encoder_input=encoder.input),
+                             device), images)
+    model.cpu()
     record = {"n_aux": len(images), "losses": losses, "precision": precision, "embed_seconds": round(embed_seconds, 1),
-              "train_seconds": round(time.perf_counter() - start, 1)}
+              "train_seconds": round(time.perf_counter() - start, 1), "own_error": error}
     return model, record
+
+
+def own_error(scorer: Scorer, images: np.ndarray, n: int = OWN_ERROR_IMAGES) -> float:
+    """The median paper score of (up to ``n`` evenly spaced of) the detector's training images, scored as the
+    filter scores them: how well the decoder draws what it learned from, the yardstick calibration holds the
+    reference images' errors against (:func:`dedefilter.window.misfit`)."""
+    rows = np.linspace(0, len(images) - 1, min(n, len(images))).astype(int)
+    return float(np.median(scorer.score_array(images[rows], [f"aux-{i}" for i in rows])))

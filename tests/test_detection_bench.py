@@ -106,13 +106,16 @@ def test_detector_rows_score_every_stream_from_one_pool_scoring():
     clean = ScoredBatch(rng.normal(1.0, 0.1, 500).astype(np.float32), rng.normal(size=(500, 8)).astype(np.float32),
                         rng.normal(size=(500, 16)).astype(np.float32))  # clean reference images, scored
     clean_reference = {m: rng.normal(size=500) for m in METHODS} | {
-        "shipped": calibrate_scored(clean, rule, fpr=0.01), "paper": calibrate_scored(clean, None, fpr=0.01)}
+        "shipped": calibrate_scored(clean, rule, fpr=0.01, own_error=1.0),
+        "paper": calibrate_scored(clean, None, fpr=0.01), "reference_paper_scores": clean.scores}
     predicted = np.where(pool.triggered, 1, pool.labels)  # the backdoor always works, clean images always right
     config = BenchConfig(n_reference=500)
 
-    rows = detector_rows("toy", "id-clean", scored, clean_reference, streams, baselines, predicted, 1, rule, config)
+    rows = detector_rows("toy", "id-clean", scored, clean_reference, streams, baselines, predicted, 1, rule, config,
+                         detector_error=1.0)
     assert len(rows) == len(shares) * len(METHODS) and all(ROW_FIELDS <= set(r) for r in rows)
     by = {(r["share"], r["method"]): r for r in rows}
+    assert not by[0.18, "shipped"]["rule_off"] and by[0.18, "shipped"]["misfit"] == pytest.approx(1.0, abs=0.02)
     for share in shares:
         paper_row = by[share, "paper"]
         assert paper_row["auroc"] == 1.0
@@ -127,8 +130,16 @@ def test_detector_rows_score_every_stream_from_one_pool_scoring():
     assert by[0.18, "audit"]["separated_triggered"] == by[0.18, "audit"]["separated_rows"] == 180
     assert by[0.01, "audit"]["separated_rows"] == 0  # 10 images: each has a clean one among its 10 neighbours
 
-    self_rows = detector_rows("toy", "self", scored, None, streams, baselines, predicted, 1, rule, config)
+    self_rows = detector_rows("toy", "self", scored, None, streams, baselines, predicted, 1, rule, config,
+                              detector_error=1.0)
     assert len(self_rows) == len(rows) and all(r["self_trained_at"] == 0.01 for r in self_rows)
+    # a decoder that draws the stream 4x worse than its own training images: calibration turns the rule off
+    unfit = {(r["share"], r["method"]): r for r in detector_rows("toy", "self", scored, None, streams, baselines,
+                                                                 predicted, 1, rule, config, detector_error=0.25)}
+    for share in shares:
+        assert unfit[share, "shipped"]["rule_off"] and unfit[share, "shipped"]["misfit"] > 3.9
+        assert {k: v for k, v in unfit[share, "shipped"].items() if k in ROW_FIELDS - {"method"}} == \
+            {k: v for k, v in unfit[share, "paper"].items() if k in ROW_FIELDS - {"method"}}  # shipped = paper
     for r in self_rows:  # a 2% budget on the stream's first 500 per-sample scores removes about 2% of the stream
         if r["method"] not in ("paper", "mask-consistency"):
             continue

@@ -11,16 +11,20 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import torch
+from conftest import SMALL
 
-from dedefilter import DeDeFilter, StageConfig, filter_shards, fixed, for_false_positive_rate
+from dedefilter import DeDeFilter, Detector, StageConfig, filter_shards, fixed, for_false_positive_rate, train_model
+from dedefilter.data import photo_patches
 from dedefilter.metrics import auroc
 from dedefilter.scoring import ScoredBatch, Scorer
+from dedefilter.training import own_error
 from dedefilter.window import (
     CleanReference,
     WindowRule,
     calibrate,
     calibrate_scored,
     filter_scores,
+    misfit,
     score_window,
     score_windows,
     spectrum,
@@ -202,6 +206,21 @@ def test_a_clean_reference_is_kept_at_a_false_positive_rate_and_never_from_a_rem
     assert np.array_equal(judged.score[:100], alone.score)
 
 
+def test_a_decoder_that_draws_the_reference_far_worse_than_its_own_images_turns_the_rule_off(caplog):
+    rng = np.random.default_rng(11)
+    scores, embeddings, _ = clean_reference(rng, n=1000)
+    scored = ScoredBatch(scores, embeddings, rng.normal(size=(1000, 192)))
+    median = float(np.median(scores))
+    threshold, rule = calibrate_scored(scored, RULE, fpr=0.01, own_error=median / 1.5)  # 1.5x worse: it fits
+    assert rule is not None and threshold.scale == "window" and misfit(scores, median / 1.5) == pytest.approx(1.5)
+    with caplog.at_level("WARNING"):  # 3x worse: trained on other data, so the paper score alone decides
+        threshold, rule = calibrate_scored(scored, RULE, fpr=0.01, own_error=median / 3)
+    assert rule is None and threshold == calibrate_scored(scored, None, fpr=0.01)[0]
+    assert "3.0x worse than its own training images" in caplog.text
+    assert calibrate_scored(scored, RULE, fraction=0.02, own_error=median / 3)[1] is None  # a removal budget too
+    assert misfit(scores, None) is None and calibrate_scored(scored, RULE, fpr=0.01)[1] is not None  # not measured
+
+
 def test_windows_follow_the_rule_size_and_are_independent():
     rng = np.random.default_rng(3)
     parts = [clean_window(rng) for _ in range(3)]
@@ -219,6 +238,19 @@ def windowed_scorer(encoder, detector, fmnist_test):
     images, _ = fmnist_test
     threshold, rule = calibrate(Scorer(encoder, detector), images[7000:8000], WindowRule(size=100), fpr=0.05)
     return Scorer(encoder, detector.with_threshold(threshold, rule))
+
+
+def test_training_records_the_decoders_own_error_and_a_decoder_trained_on_photos_gets_no_window_rule(
+        encoder, detector, fmnist_test, windowed_scorer):
+    images, _ = fmnist_test
+    assert detector.record["own_error"] == own_error(Scorer(encoder, detector), images[5000:6000])  # its training set
+    assert windowed_scorer.detector.window is not None  # trained and calibrated on Fashion-MNIST: it fits
+    model, record = train_model(encoder, photo_patches(1000, seed=1), SMALL, log=lambda *_: None)
+    on_photos = Scorer(encoder, Detector(model, encoder.name, encoder.fingerprint, record=record))
+    threshold, rule = calibrate(on_photos, images[7000:8000], WindowRule(size=100), fpr=0.05)
+    assert rule is None and threshold.scale == "paper"  # it draws Fashion-MNIST ~3x worse than its photos
+    assert misfit(on_photos.score_array(images[7000:8000], [f"r-{i}" for i in range(1000)]),
+                  record["own_error"]) > RULE.max_misfit
 
 
 def test_a_threshold_on_clean_windows_keeps_its_false_positive_rate_on_other_clean_images(windowed_scorer,
