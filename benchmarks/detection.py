@@ -24,7 +24,10 @@ Per attack (an encoder made by a recorded recipe, see ``dedefilter.attacks.regis
   collapse regions first, then the shipped score; flags at the shipped threshold).
 - Detectors (the paper's DeDe config, as the demo trains it): in-distribution clean, in-distribution 1%
   poisoned, class-disjoint (the target class and four others), OOD photo patches, and ``self``: a sample of
-  the 1%-share stream itself (scored on every share, trained at 1%).
+  the 1%-share stream itself (scored on every share, trained at 1%; twice, as ``train --trim 0.05`` trains
+  it, the second time without the first model's worst-drawn 5%).
+- Calibration checks that each decoder fits the reference (:func:`dedefilter.window.misfit`); where it
+  does not, the rule is off and ``shipped`` is the paper score, as ``filter`` then runs it.
 - Thresholds as ``calibrate`` sets them (:func:`dedefilter.window.calibrate`): 1% FPR on 2,000 clean reference
   images (train[50000:52000], windows of 1,000); for ``self`` a 2% removal budget on the stream's first 2,000
   images (``calibrate --budget 0.02`` with the stream's shards as ``--reference``). Baselines the same, on
@@ -66,7 +69,7 @@ from dedefilter.encoders import Encoder, embed_array, to_float
 from dedefilter.metrics import auroc, tpr_at_fpr
 from dedefilter.probe import train_linear_probe
 from dedefilter.scoring import ScoredBatch, Scorer
-from dedefilter.training import own_error, train_model
+from dedefilter.training import own_error, train_model, train_trimmed
 from dedefilter.window import (
     WindowRule,
     calibrate_scored,
@@ -106,6 +109,7 @@ class BenchConfig:
     n_aux: int = 6000
     aux_poison_fraction: float = 0.01
     self_share: float = 0.01  # the stream the self detector is trained on
+    self_trim: float = 0.05  # ... twice: the second time without the first detector's top 5% (`train --trim 0.05`)
     epochs: int = 10
     n_probe_train: int = 10_000
     target_fpr: float = 0.01  # thresholds from clean references
@@ -121,7 +125,8 @@ class BenchConfig:
 QUICK = {"attacks": ("badencoder-patch-trouser", "badencoder-patch-tshirt"), "aux_modes": ("id-poisoned-1%", "self"),
          "n_aux": 1500, "epochs": 3, "n_probe_train": 3000, "results": "benchmarks/results/detection-quick"}
 RESULT_FIELDS = ("aux_modes", "shares", "n_stream", "n_reference", "n_aux", "aux_poison_fraction", "self_share",
-                 "epochs", "n_probe_train", "target_fpr", "budget", "seed", "stream_seed")  # a part depends on these
+                 "self_trim", "epochs", "n_probe_train", "target_fpr", "budget", "seed",
+                 "stream_seed")  # a part depends on these
 
 
 def disjoint_classes(target: int) -> tuple[list[int], list[int]]:
@@ -338,9 +343,13 @@ def aux_images(mode: str, pool: Pool, trigger, target: int, config: BenchConfig)
 
 
 def get_detector(encoder: Encoder, attack: str, mode: str, images: np.ndarray, config: BenchConfig, log) -> Detector:
-    """The detector trained on ``images`` (the paper's DeDe config, ``config.epochs``), cached by what made it."""
+    """The detector trained on ``images`` (the paper's DeDe config, ``config.epochs``), cached by what made it;
+    the self detector as ``train --trim`` trains it (its first model is the untrimmed one, cached too)."""
     dede = replace(DeDeConfig(), epochs=config.epochs, seed=config.seed)
     made_with = {"attack": attack, "aux": mode, "n_aux": len(images), "aux_sha": digest(images), "dede": asdict(dede)}
+    trim = config.self_trim if mode == "self" else 0.0
+    if trim:
+        made_with["trim"] = trim
     key = hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(config.cache_dir) / f"{attack}-{mode}-{key}.pt"
     if path.exists():
@@ -354,7 +363,12 @@ def get_detector(encoder: Encoder, attack: str, mode: str, images: np.ndarray, c
                 detector.model.cpu()
                 detector.save(path)
             return detector
-    model, record = train_model(encoder, images, dede, log=lambda _: None, device=config.device)
+    if trim:
+        first = get_detector(encoder, attack, mode, images, replace(config, self_trim=0.0), log).model
+        model, record = train_trimmed(encoder, images, dede, trim, log=lambda _: None, device=config.device,
+                                      first=first)
+    else:
+        model, record = train_model(encoder, images, dede, log=lambda _: None, device=config.device)
     log(f"  trained the {mode} detector in {record['train_seconds']}s (loss {record['losses'][-1]})")
     detector = Detector(model, encoder.name, encoder.fingerprint, record=record | {"bench": made_with},
                         encoder_input=encoder.input)

@@ -61,6 +61,14 @@ def finite(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """argparse type: a fraction in [0, 1)."""
+    value = finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(DeDeConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
@@ -184,13 +192,13 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training import train_model
+    from .training import train_model, train_trimmed
 
     config = config_from(args)  # a patch size that does not divide the image size fails here, before any work
     encoder = load_encoder(args.encoder)
     encoder = encoder.with_input(encoder_input_from(args, encoder.input))
     aux = image_source(args.aux, args.n_aux, args.seed or 0, decode_size(encoder.input, config.image_size))
-    model, record = train_model(encoder, aux, config)
+    model, record = train_trimmed(encoder, aux, config, args.trim) if args.trim else train_model(encoder, aux, config)
     Detector(model, encoder.name, encoder.fingerprint, record=record | {"aux": args.aux},
              encoder_input=encoder.input).save(args.out)
     print(f"saved detector for {encoder.name} (encoder input {encoder.input.size}px, decoder {config.image_size}px, "
@@ -406,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", required=True, help="bundled name, file, torchvision:NAME or module:factory")
     p.add_argument("--aux", default="fashion-mnist:train", help="fashion-mnist[:split], photos, or shard paths")
     p.add_argument("--n-aux", type=int, default=10_000)
+    p.add_argument("--trim", type=share, default=0.0,
+                   help="train twice, the second time without the first model's top TRIM of the aux images: for aux "
+                        "images that may be poisoned (a sample of the shards being filtered); 0.05 in the benchmarks")
     p.add_argument("--out", required=True)
     add_config_flags(p)
     add_encoder_input_flags(p)

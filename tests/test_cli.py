@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow.dataset as ds
+import pytest
 
 from dedefilter.cli import main
 
@@ -24,11 +25,16 @@ def test_filter_command_writes_parquet_and_shards(tmp_path, detector, shards, ca
 
 def test_train_and_calibrate_commands(tmp_path, capsys):
     det = str(tmp_path / "det.pt")
+    tiny = ["--epochs", "1", "--dim", "32", "--heads", "2", "--encoder-depth", "1", "--decoder-depth", "1"]
     assert main(["train", "--encoder", "fmnist-badencoder", "--aux", "photos", "--n-aux", "256", "--out", det,
-                 "--epochs", "1", "--dim", "32", "--heads", "2", "--encoder-depth", "1", "--decoder-depth", "1"]) == 0
+                 "--trim", "0.1", *tiny]) == 0
+    assert '"trim": 0.1, "n_trimmed": 25' in capsys.readouterr().out  # trained twice, without the worst-drawn 10%
     assert main(["calibrate", "--detector", det, "--encoder", "fmnist-badencoder",
                  "--reference", "fashion-mnist:test", "--n-reference", "200", "--fpr", "0.05"]) == 0
     assert '"method": "fpr"' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # argparse refuses before any training
+        main(["train", "--encoder", "fmnist-badencoder", "--aux", "photos", "--out", det, "--trim", "1"])
+    assert refused.value.code == 2 and "must be in [0, 1), got 1" in capsys.readouterr().err
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
