@@ -24,7 +24,7 @@ depend on the weights or values, and keeping everything is the most work for the
 seconds per epoch with and without the embedding cache, and (``--memory``) peak memory streaming
 100,000 vs 10,000 samples.
 
-    python -m benchmarks.throughput [--quick] [--memory] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks.throughput [--quick] [--memory] [--only SECTION] [--repeats N] [--device cpu|cuda] [--out DIR]
 
 Writes DIR/throughput.json and DIR/throughput.md (default benchmarks/results); each step updates its
 own section of the JSON, so ``--memory`` can run later on its own.
@@ -668,6 +668,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plan", choices=sorted(PLANS), help="default: gpu with --device cuda, else full or quick")
     parser.add_argument("--workers", type=int, nargs="+", help="override the plan's num_workers values")
     parser.add_argument("--batches", type=int, nargs="+", help="override the plan's batch sizes")
+    parser.add_argument("--repeats", type=int, help="override the plan's alternated rounds of the must-show ratios")
     parser.add_argument("--memory", action="store_true", help="only the 10,000 vs 100,000 streaming memory run")
     parser.add_argument("--memory-bf16", action="store_true",
                         help="stream the memory run with the DeDe model in bf16 (mode e): 2.5x sooner, same state kept")
@@ -690,7 +691,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run(config)))
         return
     plan = PLANS[args.plan or ("gpu" if args.device == "cuda" else "quick" if args.quick else "full")]
-    plan = replace(plan, workers=tuple(args.workers or plan.workers), batches=tuple(args.batches or plan.batches))
+    plan = replace(plan, workers=tuple(args.workers or plan.workers), batches=tuple(args.batches or plan.batches),
+                   repeats=args.repeats or plan.repeats)
     root = Path(args.work)
     if args.shards_only:
         counts = {*plan.samples.values(), *plan.growth, *(max(n, 1000) for n in (plan.train_images or {}).values()),

@@ -4,6 +4,8 @@ frozen encoder's embedding, which replaces the class token (linear projection, n
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,3 +87,40 @@ class DeDeModel(nn.Module):
         full = self.mask_token.expand(b, n, dim).scatter(1, gather, encoded)
         sequence = torch.cat([self.project(embeddings).unsqueeze(1), full], 1) + self.decoder_pos
         return self.head(self.decoder(sequence)[:, 1:])
+
+
+class PackedLinear(nn.Module):
+    """An inference-only :class:`torch.nn.Linear` whose weight oneDNN has laid out once for its own fp32 GEMM
+    (and, with ``gelu``, the exact GELU that follows it fused in): on the CPUs measured it runs the DeDe model's
+    shapes ~2x faster than torch's default CPU matmul, which lays the weight out again at every call.
+    Outputs agree with ``nn.Linear`` to float rounding (~1e-6)."""
+
+    def __init__(self, linear: nn.Linear, rows: int, gelu: bool = False):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.activation = ("gelu", "none") if gelu else ("none", "")  # oneDNN's (attr, algorithm): "none" = erf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attr, algorithm = self.activation
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm)
+
+
+def cpu_inference_copy(model: nn.Module, rows: int) -> nn.Module:
+    """A copy of ``model`` for fp32 inference on a CPU, every linear layer a :class:`PackedLinear` laid out for
+    inputs of ``rows`` rows (any row count works), an exact GELU right after one fused into it; ``model``
+    itself when this torch has no oneDNN. The packed weights cannot be pickled: build the copy in the process
+    that scores."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return model
+    packed = copy.deepcopy(model).eval()
+    for module in list(packed.modules()):
+        children = list(module.named_children())
+        followers = [child for _, child in children[1:]] + [None]
+        for (name, child), after in zip(children, followers):
+            if isinstance(child, nn.Linear):
+                gelu = isinstance(module, nn.Sequential) and isinstance(after, nn.GELU) and after.approximate == "none"
+                setattr(module, name, PackedLinear(child, rows, gelu))
+                if gelu:
+                    module[int(name) + 1] = nn.Identity()  # now inside the linear layer
+    return packed

@@ -18,7 +18,7 @@ from .data import resize_square
 from .detector import CheckpointError, Detector
 from .encoders import Encoder, decode_size, to_float
 from .masking import key_seeds, keyed_visible
-from .model import masked_patch_mse, patchify
+from .model import cpu_inference_copy, masked_patch_mse, patchify
 
 # The models run on fixed-shape, contiguous chunks: CPU kernels pick different code paths (and float
 # rounding) for other shapes and memory layouts, and a sample's score must be bit-identical whatever
@@ -80,6 +80,10 @@ class Scorer:
         self.device = torch.device(device)
         self.chunk = chunk_size(self.device)
         self._placed = self.device.type == "cpu"
+        self._model: torch.nn.Module | None = None
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_model": None}  # oneDNN's packed weights cannot be pickled; rebuilt where it runs
 
     @property
     def decode_size(self) -> int:
@@ -91,6 +95,16 @@ class Scorer:
             self.encoder.module.to(self.device)
             self.detector.model.to(self.device)
             self._placed = True
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The DeDe model as it runs here: in fp32 on a CPU, a copy whose linear layers have their weights laid
+        out once for oneDNN (~2x faster; made at the first use, in the process that scores)."""
+        if self._model is None:
+            cpu_fp32 = self.device.type == "cpu" and self.precision == "fp32"
+            rows = self.chunk * (self.config.n_patches + 1)  # a chunk's decoder tokens, the class token included
+            self._model = cpu_inference_copy(self.detector.model, rows) if cpu_fp32 else self.detector.model
+        return self._model
 
     def score(self, images: np.ndarray | torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
         """Score uint8 images (B, H, W, 3), best decoded at :attr:`decode_size`."""
@@ -158,4 +172,4 @@ class Scorer:
 
     def _reconstruct(self, patches: torch.Tensor, embeddings: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return self.detector.model(patches, embeddings, visible).float()
+            return self.model(patches, embeddings, visible).float()
