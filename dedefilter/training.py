@@ -91,9 +91,10 @@ def train_trimmed(encoder: Encoder, images: np.ndarray, config: DeDeConfig = DeD
         first, _ = train_model(encoder, images, config, log, device)
     scores = scorer_of(encoder, first, device).score_array(images, [f"aux-{i}" for i in range(len(images))])
     kept = scores <= upper_quantile(scores, trim)
-    log(f"dropped the {int((~kept).sum())} of {len(images)} training images the first model drew worst")
+    n_trimmed = len(images) - int(kept.sum())
+    log(f"dropped the {n_trimmed} of {len(images)} training images the first model drew worst")
     model, record = train_model(encoder, images[kept], config, log, device)
-    return model, record | {"trim": trim, "n_trimmed": int((~kept).sum())}
+    return model, record | {"trim": trim, "n_trimmed": n_trimmed}
 
 
 def scorer_of(encoder: Encoder, model: DeDeModel, device: str) -> Scorer:
