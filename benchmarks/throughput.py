@@ -24,6 +24,11 @@ depend on the weights or values, and keeping everything is the most work for the
 seconds per epoch with and without the embedding cache, and (``--memory``) peak memory streaming
 100,000 vs 10,000 samples.
 
+The shipped section (``--only shipped``) runs (b), (c), (w), (e), (x) with ResNet-18 and 2 workers at 2,048 and
+8,192 samples in every round: a filter job pays a fixed start-up in each worker that the encoder-only loader
+does not (the packed DeDe model, the first window's fresh memory), which weighs ~4x less at 8,192; the goals
+are judged there.
+
     python -m benchmarks.throughput [--quick] [--memory] [--only SECTION] [--repeats N] [--device cpu|cuda] [--out DIR]
 
 Writes DIR/throughput.json and DIR/throughput.md (default benchmarks/results); each step updates its
@@ -91,6 +96,9 @@ class Plan:
     workers: tuple[int, ...] = (0, 1, 2)
     batches: tuple[int, ...] = (64, 256)
     repeats: int = 3  # rounds of (b, c) for the must-show ratio (ResNet-18, batch 256)
+    # samples of the shipped section's rounds, each size in every round: a job pays a fixed start-up per worker
+    # (the packed DeDe model, the first window's fresh memory), which weighs less the more samples it serves
+    shipped_samples: tuple[int, ...] = (2048, 8192)
     growth: tuple[int, int] = (4096, 16384)  # (c) and (d) peak memory at two sample counts (demo encoder)
     growth_workers: int = 2
     train_images: dict | None = None  # encoder -> decoder-training images (None: skip)
@@ -105,17 +113,17 @@ AT224 = {"samples": 256, "side": 256, "shard_size": 64, "workers": 2, "batch": 6
          "decoders": [[32, 4], [64, 8]]}
 FULL = Plan(samples={"demo": 4096, "resnet18": 2048}, growth=(2048, 8192), train_images={"demo": 1024, "resnet18": 512},
             at224=AT224)
-QUICK = Plan(samples={"demo": 1024, "resnet18": 256}, workers=(0, 2), growth=(1024, 4096),
+QUICK = Plan(samples={"demo": 1024, "resnet18": 256}, workers=(0, 2), growth=(1024, 4096), shipped_samples=(256,),
              train_images={"demo": 512, "resnet18": 256}, train_rounds=1, at224=AT224 | {"samples": 128, "rounds": 1})
 # One short GPU run (< 4 minutes): its shards (2,048 and 8,192 samples, 45 MB) are built on the CPU
 # machine and carried (the GPU machine has no Fashion-MNIST). Growth runs in the main process, where
 # the CUDA peak is readable: the official loop keeps its reconstructions in GPU memory. Decoder
 # training stays a CPU figure (dedefilter trains on the CPU).
-GPU = Plan(samples={"demo": 8192, "resnet18": 8192}, workers=(4,), batches=(256,), repeats=1,
+GPU = Plan(samples={"demo": 8192, "resnet18": 8192}, workers=(4,), batches=(256,), repeats=1, shipped_samples=(8192,),
            growth=(2048, 8192), growth_workers=0, train_images=None,
            at224=AT224 | {"samples": 4096, "shard_size": 512, "workers": 4, "batch": 256, "rounds": 1})
 # The GPU plan's shape at sizes a CPU runs in a few minutes: checks the GPU command before device time is spent.
-SMOKE = replace(GPU, samples={"demo": 256, "resnet18": 32}, growth=(128, 256), at224=AT224 | {"samples": 32, "shard_size": 16, "rounds": 1})
+SMOKE = replace(GPU, samples={"demo": 256, "resnet18": 32}, growth=(128, 256), shipped_samples=(32,), at224=AT224 | {"samples": 32, "shard_size": 16, "rounds": 1})
 PLANS = {"full": FULL, "quick": QUICK, "gpu": GPU, "smoke": SMOKE}
 
 
@@ -410,19 +418,26 @@ def loader_section(plan: Plan, root: Path, device: str) -> dict:
 
 def shipped_section(plan: Plan, root: Path, device: str) -> dict:
     """The shipped filter's cost: (b) encoder-only, (c)/(e) the paper score in fp32/bf16, (w)/(x) the window-level
-    score in fp32/bf16, ResNet-18 (CIFAR stem), 2 workers, batch 256, in alternated rounds; shards of 1,000
-    samples, so each window is a full one."""
-    count = plan.samples["resnet18"]
-    urls = build_shards(count, root, shard_size=min(1000, count // 2))
-    rounds = []
+    score in fp32/bf16, ResNet-18 (CIFAR stem), 2 workers, batch 256, in alternated rounds, each round at every
+    size of ``plan.shipped_samples``; shards of 1,000 samples, so each window is a full one."""
+    sizes = {count: build_shards(count, root, shard_size=min(1000, count // 2)) for count in plan.shipped_samples}
+    rounds = {count: [] for count in sizes}
     for _ in range(plan.repeats):
-        done = {}
-        for mode in ("b", "c", "w", "e", "x"):
-            done[mode] = in_subprocess({"mode": mode, "encoder": "resnet18", "workers": 2, "batch": 256,
-                                        "device": device, "urls": urls})
-            log(f"shipped round: {mode} {done[mode]['samples_per_s']} samples/s, {done[mode]['seconds']} s")
-        rounds.append(done)
-    out = {"samples": count, "shard_size": min(1000, count // 2), "rounds": rounds}
+        for count, urls in sizes.items():
+            done = {}
+            for mode in ("b", "c", "w", "e", "x"):
+                done[mode] = in_subprocess({"mode": mode, "encoder": "resnet18", "workers": 2, "batch": 256,
+                                            "device": device, "urls": urls})
+                log(f"shipped round, {count} samples: {mode} {done[mode]['samples_per_s']} samples/s, "
+                    f"{done[mode]['seconds']} s")
+            rounds[count].append(done)
+    return {"by_samples": {str(count): shipped_ratios(rounds[count]) | {"shard_size": min(1000, count // 2)}
+                           for count in sizes}}
+
+
+def shipped_ratios(rounds: list[dict]) -> dict:
+    """Each mode over (b) per round, in wall and in CPU seconds, and their medians."""
+    out = {"rounds": rounds}
     for kind, field in (("ratios", "seconds"), ("cpu_ratios", "cpu_seconds")):
         out[kind] = {f"{m}_over_b": [round(r[m][field] / r["b"][field], 3) for r in rounds] for m in "cwex"}
         out[kind.replace("ratios", "medians")] = {name: statistics.median(v) for name, v in out[kind].items()}
@@ -553,15 +568,19 @@ def verdicts(results: dict) -> list[tuple[str, str, bool]]:
                     f"PSS x{memory['pss_ratio']:.3f}"), abs(memory["rss_ratio"] - 1) <= 0.1))
     if results.get("gpu"):
         out += loader_verdicts(results["gpu"], f" (GPU: {results['gpu']['machine']['device_name']})")
-    shipped = results.get("shipped")
-    if shipped:
+    shipped = (results.get("shipped") or {}).get("by_samples", {})
+    if shipped:  # judged at the largest size; the smaller sizes are shown beside it
+        largest = max(shipped, key=int)
         for mode, limit, what in (("w", 1.3, "fp32"), ("x", 1.15, "bf16")):
-            median, cpu = shipped["medians"][f"{mode}_over_b"], shipped["cpu_medians"][f"{mode}_over_b"]
+            at = shipped[largest]
+            median, cpu = at["medians"][f"{mode}_over_b"], at["cpu_medians"][f"{mode}_over_b"]
+            others = "; ".join(f"at {int(n):,} samples {s['medians'][f'{mode}_over_b']:.2f}"
+                               for n, s in sorted(shipped.items(), key=lambda i: int(i[0])) if n != largest)
             out.append((f"the shipped filter (window-level score, DeDe model in {what}) <= {limit}x encoder-only, "
-                        "ResNet-18 CIFAR stem, 2 workers, batch 256",
-                        (f"median ({mode})/(b) = {median:.2f} in wall time over rounds {shipped['ratios'][f'{mode}_over_b']}; "
-                         f"{cpu:.2f} in CPU seconds; the paper score alone (c) {shipped['medians']['c_over_b']:.2f}, "
-                         f"(e) {shipped['medians']['e_over_b']:.2f}"), median <= limit))
+                        f"ResNet-18 CIFAR stem, 2 workers, batch 256, {int(largest):,} samples",
+                        (f"median ({mode})/(b) = {median:.2f} in wall time over rounds {at['ratios'][f'{mode}_over_b']}; "
+                         f"{cpu:.2f} in CPU seconds; the paper score alone (c) {at['medians']['c_over_b']:.2f}, "
+                         f"(e) {at['medians']['e_over_b']:.2f}" + (f"; {others}" if others else "")), median <= limit))
     at224 = results.get("at224")
     if at224:
         for name, median in at224["medians"].items():
@@ -603,7 +622,7 @@ def loader_lines(loaders: dict, title: str) -> list[str]:
 
 
 def render(results: dict) -> str:
-    runs = [results[name] for name in ("loader", "memory", "at224") if results.get(name)]
+    runs = [results[name] for name in ("loader", "memory", "at224", "shipped") if results.get(name)]
     lines = ["# Throughput", "", "Written by " + "; and by ".join(describe(run) for run in runs) + ".",
              ("Each configuration ran in a fresh subprocess; samples/s include DataLoader start-up. "
              "Timing uses a paper-size DeDe model (dim 192, 12 + 4 layers) with its seeded initial weights "

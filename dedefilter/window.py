@@ -220,6 +220,14 @@ def pooled(z: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return z[ids].mean(1)
 
 
+def column_median(values: np.ndarray) -> np.ndarray:
+    """``np.median(values.astype(np.float64), 0)``, exactly, without that float64 copy (and median's own copy
+    of it): the middle values found in the input's dtype, averaged in float64."""
+    n = len(values)
+    middle = np.partition(values, [(n - 1) // 2, n // 2], axis=0)
+    return (middle[(n - 1) // 2].astype(np.float64) + middle[n // 2]) / 2
+
+
 def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:
     """How far each sample stands out along the top principal directions of the window's residuals:
     the largest |projection| in robust standard deviations (median absolute deviation) of each direction.
@@ -229,8 +237,9 @@ def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:
     (N, pixels) residuals at N = 1,000. A window of more samples than pixels projects on the top eigenvectors
     of the (pixels, pixels) covariance instead (the same projections): an eigensolver on a 10,000-sample
     Gram matrix takes minutes."""
-    residuals = np.asarray(residuals, np.float64)
-    centred = residuals - np.median(residuals, 0)
+    residuals = np.asarray(residuals)
+    centred = residuals.astype(np.float64)  # the one float64 copy of the (N, pixels) residuals
+    centred -= column_median(residuals)
     n, d = centred.shape
     if n <= d:
         _, top = scipy.linalg.eigh(centred @ centred.T, subset_by_index=[n - directions, n - 1])

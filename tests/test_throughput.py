@@ -85,6 +85,16 @@ def test_verdicts_fail_when_the_filter_costs_too_much():
     assert holds == [False, True, True, False, True]
 
 
+def test_the_shipped_verdict_is_judged_at_the_largest_size_with_the_smaller_shown_beside_it():
+    def at(w: float, x: float) -> dict:
+        medians = {"c_over_b": 1.0, "w_over_b": w, "e_over_b": 1.0, "x_over_b": x}
+        return {"medians": medians, "cpu_medians": medians, "ratios": {k: [v] for k, v in medians.items()}}
+
+    found = verdicts({"shipped": {"by_samples": {"2048": at(1.5, 1.4), "8192": at(1.25, 1.2)}}})
+    assert [ok for _, _, ok in found] == [True, False]  # fp32 1.25 <= 1.3; bf16 1.2 > 1.15
+    assert all("8,192 samples" in claim and "at 2,048 samples" in figure for claim, figure, _ in found)
+
+
 def test_bf16_scores_are_close_to_fp32_and_the_same_in_any_batch_layout(encoder, detector, fmnist_test):
     images, keys = fmnist_test[0][:40], [f"k{i}" for i in range(40)]
     fp32 = Scorer(encoder, detector).score(images, keys).scores

@@ -23,6 +23,7 @@ from dedefilter.window import (
     WindowRule,
     calibrate,
     calibrate_scored,
+    column_median,
     filter_scores,
     misfit,
     score_window,
@@ -147,6 +148,14 @@ def test_the_spectrum_of_a_window_with_more_samples_than_pixels_takes_the_same_p
     wide = spectrum(np.concatenate([residuals, np.zeros((300, 300))], axis=1), 3)  # 300 <= 340: the Gram matrix's
     assert np.allclose(tall, wide)
     assert set(np.argsort(-tall)[:10]) == set(range(10))
+
+
+@pytest.mark.parametrize("rows", [999, 1000])
+def test_the_column_median_of_float32_residuals_is_numpys_float64_median_exactly(rows):
+    residuals = np.random.default_rng(7).normal(size=(rows, 48)).astype(np.float32)
+    residuals[:, :4] = np.float32(0.1)  # ties
+    residuals[::3, 4] = np.float32(1e-8)
+    assert np.array_equal(column_median(residuals), np.median(residuals.astype(np.float64), 0))
 
 
 def test_a_short_window_and_non_finite_scores_fall_back_to_the_quiet_score_and_nan():
