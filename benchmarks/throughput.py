@@ -71,6 +71,7 @@ from dedefilter.attacks.triggers import PatchTrigger, poison
 from dedefilter.data import decode_image, fashion_mnist, resize_images
 from dedefilter.demo import BACKDOORED, DemoConfig
 from dedefilter.encoders import embed_array, to_float
+from dedefilter.job import keep_freed_memory
 from dedefilter.masking import random_visible
 from dedefilter.metrics import auroc
 from dedefilter.model import DeDeModel, masked_patch_mse, patchify
@@ -195,8 +196,10 @@ def timing_detector(encoder, decoder: tuple[int, int] = (32, 4)) -> Detector:
 
 
 def loader(pipeline, workers: int) -> wds.WebLoader:
-    """Workers keep torch's one thread each, as in the filter job (dedefilter.job.die_with_parent says why)."""
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
+    """Workers keep torch's one thread each and their freed memory, as in the filter job
+    (dedefilter.job.die_with_parent and keep_freed_memory say why): the same allocator for every mode."""
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
+                         worker_init_fn=lambda _worker_id: keep_freed_memory())
 
 
 def run_loader(config: dict) -> dict:

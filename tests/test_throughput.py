@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,6 +17,7 @@ from benchmarks.procmem import PeakSampler
 from benchmarks.throughput import run_loader, verdicts
 from dedefilter import Detector, Scorer
 from dedefilter.encoders import to_float
+from dedefilter.job import keep_freed_memory
 from dedefilter.masking import key_seeds, keyed_visible
 from dedefilter.model import DeDeModel, patchify, unpatchify
 
@@ -93,6 +95,11 @@ def test_the_shipped_verdict_is_judged_at_the_largest_size_with_the_smaller_show
     found = verdicts({"shipped": {"by_samples": {"2048": at(1.5, 1.4), "8192": at(1.25, 1.2)}}})
     assert [ok for _, _, ok in found] == [True, False]  # fp32 1.25 <= 1.3; bf16 1.2 > 1.15
     assert all("8,192 samples" in claim and "at 2,048 samples" in figure for claim, figure, _ in found)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_filter_workers_can_keep_their_freed_memory_on_glibc():
+    assert keep_freed_memory()  # glibc accepted both mallopt settings (a wrong parameter returns 0)
 
 
 def test_bf16_scores_are_close_to_fp32_and_the_same_in_any_batch_layout(encoder, detector, fmnist_test):
