@@ -124,7 +124,8 @@ GPU = Plan(samples={"demo": 8192, "resnet18": 8192}, workers=(4,), batches=(256,
            growth=(2048, 8192), growth_workers=0, train_images=None,
            at224=AT224 | {"samples": 4096, "shard_size": 512, "workers": 4, "batch": 256, "rounds": 1})
 # The GPU plan's shape at sizes a CPU runs in a few minutes: checks the GPU command before device time is spent.
-SMOKE = replace(GPU, samples={"demo": 256, "resnet18": 32}, growth=(128, 256), shipped_samples=(32,), at224=AT224 | {"samples": 32, "shard_size": 16, "rounds": 1})
+SMOKE = replace(GPU, samples={"demo": 256, "resnet18": 32}, growth=(128, 256), shipped_samples=(32,),
+                at224=AT224 | {"samples": 32, "shard_size": 16, "rounds": 1})
 PLANS = {"full": FULL, "quick": QUICK, "gpu": GPU, "smoke": SMOKE}
 
 
@@ -581,7 +582,8 @@ def verdicts(results: dict) -> list[tuple[str, str, bool]]:
                                for n, s in sorted(shipped.items(), key=lambda i: int(i[0])) if n != largest)
             out.append((f"the shipped filter (window-level score, DeDe model in {what}) <= {limit}x encoder-only, "
                         f"ResNet-18 CIFAR stem, 2 workers, batch 256, {int(largest):,} samples",
-                        (f"median ({mode})/(b) = {median:.2f} in wall time over rounds {at['ratios'][f'{mode}_over_b']}; "
+                        (f"median ({mode})/(b) = {median:.2f} in wall time over rounds "
+                         f"{at['ratios'][f'{mode}_over_b']}; "
                          f"{cpu:.2f} in CPU seconds; the paper score alone (c) {at['medians']['c_over_b']:.2f}, "
                          f"(e) {at['medians']['e_over_b']:.2f}" + (f"; {others}" if others else "")), median <= limit))
     at224 = results.get("at224")
