@@ -157,8 +157,9 @@ def die_with_parent(parent: int) -> None:
 def keep_freed_memory() -> bool:
     """(glibc) Keep the memory a process frees in its heap for the next chunk, instead of handing every large
     tensor back to the system and faulting fresh zeroed pages in at the next (glibc's defaults; the encoder's
-    activations are MBs per chunk). ResNet-18 ran ~12% faster per chunk in the filter's workers, and steadier.
-    Memory stays bounded by the process's peak use. False where there is no glibc ``mallopt``."""
+    activations are MBs per chunk): ResNet-18 took 114-118 ms per chunk of 16 in an encoder-only loader's workers
+    instead of 124-126 (docs/BENCHMARKS.md). Memory stays bounded by the process's peak use. False where there
+    is no glibc ``mallopt``."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
