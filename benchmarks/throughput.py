@@ -423,7 +423,8 @@ def shipped_section(plan: Plan, root: Path, device: str) -> dict:
     """The shipped filter's cost: (b) encoder-only, (c)/(e) the paper score in fp32/bf16, (w)/(x) the window-level
     score in fp32/bf16, ResNet-18 (CIFAR stem), 2 workers, batch 256, in alternated rounds, each round at every
     size of ``plan.shipped_samples``; shards of 1,000 samples, so each window is a full one."""
-    sizes = {count: build_shards(count, root, shard_size=min(1000, count // 2)) for count in plan.shipped_samples}
+    shard_sizes = {count: min(1000, count // 2) for count in plan.shipped_samples}
+    sizes = {count: build_shards(count, root, shard_size=shard_size) for count, shard_size in shard_sizes.items()}
     rounds = {count: [] for count in sizes}
     for _ in range(plan.repeats):
         for count, urls in sizes.items():
@@ -434,7 +435,7 @@ def shipped_section(plan: Plan, root: Path, device: str) -> dict:
                 log(f"shipped round, {count} samples: {mode} {done[mode]['samples_per_s']} samples/s, "
                     f"{done[mode]['seconds']} s")
             rounds[count].append(done)
-    return {"by_samples": {str(count): shipped_ratios(rounds[count]) | {"shard_size": min(1000, count // 2)}
+    return {"by_samples": {str(count): shipped_ratios(rounds[count]) | {"shard_size": shard_sizes[count]}
                            for count in sizes}}
 
 
@@ -574,8 +575,8 @@ def verdicts(results: dict) -> list[tuple[str, str, bool]]:
     shipped = (results.get("shipped") or {}).get("by_samples", {})
     if shipped:  # judged at the largest size; the smaller sizes are shown beside it
         largest = max(shipped, key=int)
+        at = shipped[largest]
         for mode, limit, what in (("w", 1.3, "fp32"), ("x", 1.15, "bf16")):
-            at = shipped[largest]
             median, cpu = at["medians"][f"{mode}_over_b"], at["cpu_medians"][f"{mode}_over_b"]
             others = "; ".join(f"at {int(n):,} samples {s['medians'][f'{mode}_over_b']:.2f}"
                                for n, s in sorted(shipped.items(), key=lambda i: int(i[0])) if n != largest)

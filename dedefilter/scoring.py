@@ -79,8 +79,7 @@ class Scorer:
         self.precision = precision
         self.device = torch.device(device)
         self.chunk = chunk_size(self.device)
-        self._placed = self.device.type == "cpu"
-        self._model: torch.nn.Module | None = None
+        self._model: torch.nn.Module | None = None  # the DeDe model as it runs here (see _place)
 
     def __getstate__(self) -> dict:
         return self.__dict__ | {"_model": None}  # oneDNN's packed weights cannot be pickled; rebuilt where it runs
@@ -90,21 +89,23 @@ class Scorer:
         """The side to decode images at: the larger of the encoder's and the decoder's needs."""
         return decode_size(self.encoder.input, self.config.image_size)
 
-    def _place(self) -> None:
-        if not self._placed:
-            self.encoder.module.to(self.device)
-            self.detector.model.to(self.device)
-            self._placed = True
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The DeDe model as it runs here: in fp32 on a CPU, a copy whose linear layers have their weights laid
-        out once for oneDNN (~2x faster; made at the first use, in the process that scores)."""
+    def _place(self) -> torch.nn.Module:
+        """The DeDe model as it runs here, made at the first score in the process that scores: the encoder and
+        the model on the device; in fp32 on a CPU, a copy whose linear layers have their weights laid out once
+        for oneDNN (~2x faster)."""
         if self._model is None:
+            if self.device.type != "cpu":
+                self.encoder.module.to(self.device)
+                self.detector.model.to(self.device)
             cpu_fp32 = self.device.type == "cpu" and self.precision == "fp32"
             rows = self.chunk * (self.config.n_patches + 1)  # a chunk's decoder tokens, the class token included
             self._model = cpu_inference_copy(self.detector.model, rows) if cpu_fp32 else self.detector.model
         return self._model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The DeDe model as it runs here (:meth:`_place`)."""
+        return self._place()
 
     def score(self, images: np.ndarray | torch.Tensor, keys: Sequence[str]) -> ScoredBatch:
         """Score uint8 images (B, H, W, 3), best decoded at :attr:`decode_size`."""
