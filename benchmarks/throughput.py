@@ -6,7 +6,7 @@ with new keys for large counts), each configuration in a fresh subprocess so mem
   a  decode-only loader       shards -> decode -> batch (in the DataLoader workers)
   b  + encoder embedding      ... -> the encoder's forward pass (in the Scorer's fixed-size chunks)
   c  + the full DeDe stage    ``filter_shards``: decode -> encoder + DeDe model -> decide -> Parquet
-  e  (c) with bf16            the same, the DeDe model under bfloat16 autocast (Scorer precision="bf16")
+  e  (c) with bf16            the same, the DeDe model's linear layers in bf16 (Scorer precision="bf16")
   w  the shipped filter       (c) deciding on the window-level score (``WindowRule()``, what ``dedefilter
                               calibrate`` stores by default): residuals kept, each shard's windows judged
   x  (w) with bf16

@@ -103,7 +103,7 @@ def add_filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-shards", action="store_true", help="write Parquet scores only")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="the DeDe model's precision (default: the one the stored threshold was calibrated at, "
-                             "else fp32); bf16 is ~2.5x faster on CPUs with native bf16")
+                             "else fp32); bf16 runs the DeDe model ~1.5x faster on CPUs with native bf16")
     parser.add_argument("--embeddings", action="store_true",
                         help="store each sample's encoder embedding in Parquet (for `dedefilter audit`)")
     parser.add_argument("--window", type=count(0),

@@ -56,9 +56,10 @@ class Scorer:
     normalisation, as the detector was trained with) and the decoder's view (``config.image_size``)
     are both cut from it with tensor ops.
 
-    ``precision="bf16"`` runs the DeDe model (not the encoder) under bfloat16 autocast: about 2.5x
-    faster on CPUs with native bf16; scores differ from fp32 by bf16 rounding, so calibrate the
-    threshold with the same precision. fp32 is the default.
+    ``precision="bf16"`` runs the DeDe model's linear layers (not the encoder) in bfloat16: on a CPU with
+    native bf16 a copy packed in bf16 (:func:`dedefilter.model.cpu_inference_copy`), elsewhere bf16 autocast;
+    scores differ from fp32 by bf16 rounding, so calibrate the threshold with the same precision. fp32 is
+    the default.
 
     With ``device="cuda"`` the encoder and the DeDe model move there at the first batch, not before,
     so a scorer built in the main process still works in forked DataLoader workers (CUDA cannot be
@@ -91,15 +92,16 @@ class Scorer:
 
     def _place(self) -> torch.nn.Module:
         """The DeDe model as it runs here, made at the first score in the process that scores: the encoder and
-        the model on the device; in fp32 on a CPU, a copy whose linear layers have their weights laid out once
-        for oneDNN (~2x faster)."""
+        the model on the device; on a CPU, a copy whose linear layers have their weights laid out once for
+        oneDNN in the scorer's precision (~2x faster)."""
         if self._model is None:
             if self.device.type != "cpu":
                 self.encoder.module.to(self.device)
                 self.detector.model.to(self.device)
-            cpu_fp32 = self.device.type == "cpu" and self.precision == "fp32"
             rows = self.chunk * (self.config.n_patches + 1)  # a chunk's decoder tokens, the class token included
-            self._model = cpu_inference_copy(self.detector.model, rows) if cpu_fp32 else self.detector.model
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            on_cpu = self.device.type == "cpu"
+            self._model = cpu_inference_copy(self.detector.model, rows, dtype) if on_cpu else self.detector.model
         return self._model
 
     @property
@@ -172,5 +174,7 @@ class Scorer:
         return total / config.score_masks, residual / config.score_masks
 
     def _reconstruct(self, patches: torch.Tensor, embeddings: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return self.model(patches, embeddings, visible).float()
+        model = self.model
+        autocast = self.precision == "bf16" and model is self.detector.model  # not a copy packed in bf16
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return model(patches, embeddings, visible).float()

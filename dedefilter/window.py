@@ -202,10 +202,23 @@ def nearest(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(start, min(start + BLOCK, n))
         distance = 1 - unit[rows] @ unit.T
         distance[np.arange(len(rows)), rows] = np.inf  # not its own neighbour
-        order = np.argsort(distance, axis=1, kind="stable")[:, :k]
+        order = smallest(distance, k)
         ids[rows] = order
         distances[rows] = np.take_along_axis(distance, order, axis=1)
     return distances, ids
+
+
+def smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's ``k`` smallest values, smallest first, ties broken by index: the first ``k``
+    of a stable argsort, ~2x faster at 1,000 columns (a partition, then a sort of ``k`` per row)."""
+    candidates = np.argpartition(values, k - 1, axis=1)[:, :k]
+    chosen = np.take_along_axis(values, candidates, axis=1)
+    order = np.take_along_axis(candidates, np.lexsort((candidates, chosen), axis=1), axis=1)
+    # the partition picks any of the values tied at the k-th (duplicate images): there, the lowest indexes win
+    tied = (values <= chosen.max(1, keepdims=True)).sum(1) > k
+    if tied.any():
+        order[tied] = np.argsort(values[tied], axis=1, kind="stable")[:, :k]
+    return order
 
 
 def sparsity(distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -221,11 +234,15 @@ def pooled(z: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def column_median(values: np.ndarray) -> np.ndarray:
-    """``np.median(values.astype(np.float64), 0)``, exactly, without that float64 copy (and median's own copy
-    of it): the middle values found in the input's dtype, averaged in float64."""
+    """``np.median(values.astype(np.float64), 0)``, exactly, ~4x faster on a window's residuals: the middle
+    values found in the input's dtype along the rows of its transpose (one partition; for an even count the
+    lower middle is the largest value below the upper one), averaged in float64."""
     n = len(values)
-    middle = np.partition(values, [(n - 1) // 2, n // 2], axis=0)
-    return (middle[(n - 1) // 2].astype(np.float64) + middle[n // 2]) / 2
+    rows = np.ascontiguousarray(values.T)
+    below = np.partition(rows, n // 2, axis=1)
+    upper = below[:, n // 2]
+    lower = upper if n % 2 else below[:, :n // 2].max(1)
+    return (lower.astype(np.float64) + upper) / 2
 
 
 def spectrum(residuals: np.ndarray, directions: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from dedefilter.window import (
     misfit,
     score_window,
     score_windows,
+    smallest,
     spectrum,
 )
 
@@ -150,12 +151,23 @@ def test_the_spectrum_of_a_window_with_more_samples_than_pixels_takes_the_same_p
     assert set(np.argsort(-tall)[:10]) == set(range(10))
 
 
-@pytest.mark.parametrize("rows", [999, 1000])
+@pytest.mark.parametrize("rows", [1, 2, 7, 999, 1000])
 def test_the_column_median_of_float32_residuals_is_numpys_float64_median_exactly(rows):
     residuals = np.random.default_rng(7).normal(size=(rows, 48)).astype(np.float32)
     residuals[:, :4] = np.float32(0.1)  # ties
     residuals[::3, 4] = np.float32(1e-8)
     assert np.array_equal(column_median(residuals), np.median(residuals.astype(np.float64), 0))
+
+
+def test_the_k_smallest_are_a_stable_argsorts_first_k_even_among_ties():
+    rng = np.random.default_rng(8)
+    for _ in range(50):
+        values = rng.integers(0, 6, size=(40, 30)).astype(np.float64)  # many ties at the k-th value
+        values[rng.random(values.shape) < 0.05] = np.inf
+        k = int(rng.integers(1, 30))
+        assert np.array_equal(smallest(values, k), np.argsort(values, axis=1, kind="stable")[:, :k])
+    distinct = rng.permutation(1000 * 1000).reshape(1000, 1000).astype(np.float64)  # no tie: no fallback
+    assert np.array_equal(smallest(distinct, 16), np.argsort(distinct, axis=1)[:, :16])
 
 
 def test_a_short_window_and_non_finite_scores_fall_back_to_the_quiet_score_and_nan():
