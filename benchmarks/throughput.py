@@ -79,7 +79,7 @@ from dedefilter.scoring import chunk_size
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched
 from dedefilter.training import train_model, training_precision
-from dedefilter.window import CleanReference, WindowRule
+from dedefilter.window import CleanReference, WindowRule, score_windows
 
 ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar", "resnet50": "torchvision:resnet50"}
 MODES = ("a", "b", "c", "e", "d")  # e: (c) with the DeDe model under bf16 autocast
@@ -313,7 +313,9 @@ def run_training(config: dict) -> dict:
 
 
 def run_precision(config: dict) -> dict:
-    """AUROC of the demo's trained detector on the demo's test images, with the DeDe model in fp32 and in bf16."""
+    """The demo's trained detector on the demo's test images with the DeDe model in fp32 and in bf16: the AUROC of
+    what the filter decides on (the detector's window rule) and of the paper score, and how many of the filter's
+    decisions at the detector's threshold (calibrated in fp32) bf16 rounding changes."""
     torch.set_num_threads(1)  # one thread: a busy machine stalls multi-threaded kernels; AUROC is the point here
     encoder = load_encoder(BACKDOORED)
     detector = Detector.load(config["detector"], encoder.fingerprint)
@@ -325,17 +327,24 @@ def run_precision(config: dict) -> dict:
     trigger = PatchTrigger.from_description(encoder.card["trigger"])
     triggered = poison(images, labels, demo.triggered_fraction, encoder.card["target_class"], trigger, rng)
     keys = [f"fmnist-test-{i:05d}" for i in range(len(images))]
-    out = {"detector": config["detector"], "n_clean": int((~triggered).sum()), "n_triggered": int(triggered.sum())}
-    scores = {}
+    out = {"detector": config["detector"], "n_clean": int((~triggered).sum()), "n_triggered": int(triggered.sum()),
+           "window_rule": detector.window is not None}
+    decided, paper = {}, {}
     for precision in ("fp32", "bf16"):
         start = time.perf_counter()
-        scores[precision] = Scorer(encoder, detector, precision=precision).score_array(images, keys)
-        out[precision] = {"auroc": round(auroc(scores[precision], triggered), 6),
+        scorer = Scorer(encoder, detector, precision=precision)
+        scored = scorer.score_all(images, keys, residuals=detector.window is not None)
+        paper[precision] = scored.scores
+        decided[precision] = (score_windows(scored.scores, scored.embeddings, scored.residuals, detector.window).score
+                              if detector.window else scored.scores)
+        out[precision] = {"auroc": round(auroc(decided[precision], triggered), 6),
+                          "paper_score_auroc": round(auroc(paper[precision], triggered), 6),
                           "samples_per_s": round(len(images) / (time.perf_counter() - start), 1)}
-    relative = np.abs(scores["bf16"] - scores["fp32"]) / scores["fp32"]
+    relative = np.abs(paper["bf16"] - paper["fp32"]) / paper["fp32"]
     threshold = detector.threshold.value
-    out["max_relative_score_difference"] = float(f"{relative.max():.3g}")
-    out["decisions_changed_at_fp32_threshold"] = int(((scores["bf16"] > threshold) != (scores["fp32"] > threshold)).sum())
+    out["max_relative_paper_score_difference"] = float(f"{relative.max():.3g}")
+    out["decisions_changed_at_fp32_threshold"] = int(((decided["bf16"] > threshold)
+                                                      != (decided["fp32"] > threshold)).sum())
     out["auroc_equal_to_3_decimals"] = f"{out['fp32']['auroc']:.3f}" == f"{out['bf16']['auroc']:.3f}"
     return out
 
@@ -667,12 +676,13 @@ def render(results: dict) -> str:
     if results.get("precision"):
         p = results["precision"]
         lines += ["", "## Reduced precision (the demo's trained detector on its 10,000 test images)", "",
-                  "| DeDe model | AUROC | samples/s (one thread) |", "|---|---|---|",
-                  f"| fp32 | {p['fp32']['auroc']} | {p['fp32']['samples_per_s']:.0f} |",
-                  f"| bf16 autocast | {p['bf16']['auroc']} | {p['bf16']['samples_per_s']:.0f} |", "",
-                  (f"Largest relative score difference {p['max_relative_score_difference']}; "
-                  f"{p['decisions_changed_at_fp32_threshold']} of {p['n_clean'] + p['n_triggered']} decisions change "
-                  "at the fp32-calibrated threshold.")]
+                  "| DeDe model | AUROC, the filter's score | AUROC, the paper score | samples/s (one thread) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {p[name]['auroc']} | {p[name]['paper_score_auroc']} | {p[name]['samples_per_s']:.0f} |"
+                  for name in ("fp32", "bf16")]
+        lines += ["", (f"Largest relative paper score difference {p['max_relative_paper_score_difference']}; "
+                       f"{p['decisions_changed_at_fp32_threshold']} of the {p['n_clean'] + p['n_triggered']} filter "
+                       "decisions change at the detector's (fp32-calibrated) threshold.")]
     if results.get("memory"):
         mode = results["memory"].get("mode", "c")
         lines += ["", f"## Streaming memory (({mode}), demo encoder, 2 workers, batch 256)", "",

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .calibration import Threshold
-from .job import JobFailed, JobInterrupted, JobResult, ShardWork, job_result, open_job
+from .job import JobFailed, JobInterrupted, JobResult, ShardWork, job_result, keep_freed_memory, open_job
 from .markers import STATUSES, Layout
 from .scoring import Scorer
 from .stage import DeDeFilter, StageConfig
@@ -91,6 +91,7 @@ class ShardActor:
     def __init__(self, dede: DeDeFilter, layout: Layout, write_shards: bool, threads: int, device: str, cwd: str):
         os.chdir(cwd)  # relative shard and output paths mean what they mean to the driver (a shared filesystem)
         torch.set_num_threads(threads)  # the CPUs it reserved: actors must not oversubscribe a node
+        keep_freed_memory()  # as the local job's workers (its docstring says why)
         if device != "cpu":
             scorer = Scorer(dede.scorer.encoder, dede.scorer.detector, device=device, precision=dede.scorer.precision)
             dede = DeDeFilter(scorer, dede.threshold, dede.config)
