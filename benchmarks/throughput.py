@@ -82,7 +82,7 @@ from dedefilter.training import train_model, training_precision
 from dedefilter.window import CleanReference, WindowRule, score_windows
 
 ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar", "resnet50": "torchvision:resnet50"}
-MODES = ("a", "b", "c", "e", "d")  # e: (c) with the DeDe model under bf16 autocast
+MODES = ("a", "b", "c", "e", "d")  # e: (c) with the DeDe model in bf16
 MiB = 2 ** 20
 # Reading a process's PSS (/proc/PID/smaps_rollup) stalls it: sampled every 50 ms, the reads slowed
 # (c) by 24% and (b) by 18% (ResNet-18, 2 workers); every 0.5 s they cost a few percent.

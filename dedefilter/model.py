@@ -120,10 +120,11 @@ def can_pack(dtype: torch.dtype = torch.float32) -> bool:
 
 def cpu_inference_copy(model: nn.Module, rows: int, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A copy of ``model`` for inference on a CPU, every linear layer a :class:`PackedLinear` in ``dtype`` laid out
-    for inputs of ``rows`` rows (any row count works), an exact GELU right after one fused into it; in bf16 only the
-    linear layers compute in bf16 (layer norms, attention and the residual stream stay fp32, where bf16 runs no
-    faster on a CPU) and the MLP's hidden activations stay bf16. ``model`` itself when :func:`can_pack` says no.
-    The packed weights cannot be pickled: build the copy in the process that scores."""
+    for inputs of ``rows`` rows (any row count works), an exact GELU right after one fused into it. In bf16 only the
+    linear layers compute in bf16 and the MLP's hidden activations stay bf16; layer norms, attention and the
+    residual stream stay fp32 (in bf16 they ran no faster on the CPU measured, attention ~2x slower). ``model``
+    itself when :func:`can_pack` says no. The packed weights cannot be pickled: build the copy in the process
+    that scores."""
     if not can_pack(dtype):
         return model
     packed = copy.deepcopy(model).eval()

@@ -50,7 +50,7 @@ def test_a_scorer_that_has_scored_pickles_and_scores_bit_identically(scorer, sha
 
 
 @pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU has no native bf16")
-def test_the_bf16_packed_copy_predicts_what_bf16_autocast_predicts():
+def test_the_bf16_packed_copy_scores_within_bf16_rounding_of_fp32_as_autocast_does():
     torch.manual_seed(0)
     model = DeDeModel(DeDeConfig(), embed_dim=512).eval()
     packed = cpu_inference_copy(model, rows=16 * 65, dtype=torch.bfloat16)
