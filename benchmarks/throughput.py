@@ -79,7 +79,7 @@ from dedefilter.scoring import chunk_size
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched
 from dedefilter.training import train_model, training_precision
-from dedefilter.window import CleanReference, WindowRule, score_windows
+from dedefilter.window import CleanReference, WindowRule, decision_scores
 
 ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar", "resnet50": "torchvision:resnet50"}
 MODES = ("a", "b", "c", "e", "d")  # e: (c) with the DeDe model in bf16
@@ -335,8 +335,7 @@ def run_precision(config: dict) -> dict:
         scorer = Scorer(encoder, detector, precision=precision)
         scored = scorer.score_all(images, keys, residuals=detector.window is not None)
         paper[precision] = scored.scores
-        decided[precision] = (score_windows(scored.scores, scored.embeddings, scored.residuals, detector.window).score
-                              if detector.window else scored.scores)
+        decided[precision] = decision_scores(scored, detector.window)
         out[precision] = {"auroc": round(auroc(decided[precision], triggered), 6),
                           "paper_score_auroc": round(auroc(paper[precision], triggered), 6),
                           "samples_per_s": round(len(images) / (time.perf_counter() - start), 1)}

@@ -379,7 +379,12 @@ def score_windows(paper_scores: np.ndarray, embeddings: np.ndarray, residuals: n
 def filter_scores(scorer: Scorer, images: np.ndarray, keys: Sequence[str], rule: WindowRule | None) -> np.ndarray:
     """What the filter decides on, for an in-memory uint8 array cut into windows as a shard is: the window
     scores under ``rule``, or the paper scores when it is None (the demo's checks, benchmarks)."""
-    scored = scorer.score_all(images, keys, residuals=rule is not None)
+    return decision_scores(scorer.score_all(images, keys, residuals=rule is not None), rule)
+
+
+def decision_scores(scored: ScoredBatch, rule: WindowRule | None) -> np.ndarray:
+    """:func:`filter_scores` of images already scored (with residuals when ``rule`` is given), e.g. to keep their
+    paper scores beside."""
     return score_windows(scored.scores, scored.embeddings, scored.residuals, rule).score if rule else scored.scores
 
 
