@@ -29,6 +29,10 @@ The shipped section (``--only shipped``) runs (b), (c), (w), (e), (x) with ResNe
 the spread of speed between processes weighs less, and so does a filter job's start-up in each worker (the
 packed DeDe model, the first window's fresh memory).
 
+The parts (``--only parts``, CPU): the encoder, the DeDe model as the Scorer runs it (fp32 and bf16) and one
+window's ``score_window`` timed apart in one process on one thread, with their multiply-accumulates: what each
+part of the shipped filter costs against the encoder's forward pass, the loader and the second process aside.
+
     python -m benchmarks.throughput [--quick] [--memory] [--only SECTION] [--repeats N] [--device cpu|cuda] [--out DIR]
 
 Writes DIR/throughput.json and DIR/throughput.md (default benchmarks/results); each step updates its
@@ -55,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.official_loop import official_errors
 from benchmarks.procmem import PeakSampler, cpu_seconds
@@ -68,18 +73,18 @@ from dedefilter import (
     load_encoder,
 )
 from dedefilter.attacks.triggers import PatchTrigger, poison
-from dedefilter.data import decode_image, fashion_mnist, resize_images
+from dedefilter.data import decode_image, fashion_mnist, resize_images, resize_square
 from dedefilter.demo import BACKDOORED, DemoConfig
 from dedefilter.encoders import embed_array, to_float
 from dedefilter.job import keep_freed_memory
 from dedefilter.masking import random_visible
 from dedefilter.metrics import auroc
-from dedefilter.model import DeDeModel, masked_patch_mse, patchify
-from dedefilter.scoring import chunk_size
+from dedefilter.model import DeDeModel, can_pack, masked_patch_mse, patchify
+from dedefilter.scoring import CHUNK, PRECISIONS, chunk_size
 from dedefilter.shards import decode_shards, shard_pipeline, write_image_shards
 from dedefilter.stage import batched
 from dedefilter.training import train_model, training_precision
-from dedefilter.window import CleanReference, WindowRule, decision_scores
+from dedefilter.window import CleanReference, WindowRule, decision_scores, score_window
 
 ENCODERS = {"demo": "fmnist-badencoder", "resnet18": "torchvision:resnet18_cifar", "resnet50": "torchvision:resnet50"}
 MODES = ("a", "b", "c", "e", "d")  # e: (c) with the DeDe model in bf16
@@ -105,16 +110,19 @@ class Plan:
     train_rounds: int = 3
     memory: tuple[int, int] = (10_000, 100_000)  # the --memory streaming run
     at224: dict | None = None  # ResNet-50 at 224: samples, image side of the shards, workers, batch, rounds, decoders
+    parts: dict | None = None  # the parts on one thread (run_parts): encoder, images, rounds, window (CPU only)
 
 
 # Shards of 64, a multiple of the scorer's chunk of 16: a shard's last chunk is padded, so a shard size that
 # is not a multiple would make (c) score padding that (b) does not embed.
 AT224 = {"samples": 256, "side": 256, "shard_size": 64, "workers": 2, "batch": 64, "rounds": 2,
          "decoders": [[32, 4], [64, 8]]}
+PARTS = {"encoder": "resnet18", "images": 512, "rounds": 5, "window": 1000}
 FULL = Plan(samples={"demo": 4096, "resnet18": 2048}, growth=(2048, 8192), train_images={"demo": 1024, "resnet18": 512},
-            at224=AT224)
+            at224=AT224, parts=PARTS)
 QUICK = Plan(samples={"demo": 1024, "resnet18": 256}, workers=(0, 2), growth=(1024, 4096), shipped_samples=(256,),
-             train_images={"demo": 512, "resnet18": 256}, train_rounds=1, at224=AT224 | {"samples": 128, "rounds": 1})
+             train_images={"demo": 512, "resnet18": 256}, train_rounds=1, at224=AT224 | {"samples": 128, "rounds": 1},
+             parts=PARTS | {"images": 128, "rounds": 2, "window": 256})
 # One short GPU run (< 4 minutes): its shards (2,048 and 8,192 samples, 45 MB) are built on the CPU
 # machine and carried (the GPU machine has no Fashion-MNIST). Growth runs in the main process, where
 # the CUDA peak is readable: the official loop keeps its reconstructions in GPU memory. Decoder
@@ -348,6 +356,67 @@ def run_precision(config: dict) -> dict:
     return out
 
 
+def run_parts(config: dict) -> dict:
+    """What the DeDe stage adds to the encoder's forward pass, part by part, in one process on one thread: the
+    encoder and the DeDe model as the Scorer runs them (the model on packed weights, in fp32 and in bf16) on the
+    same chunks of real images in alternated rounds, and one full window's ``score_window`` (the shipped rule with
+    a 2,000-image clean reference). With the multiply-accumulates per sample of the encoder and of the model
+    (torch's FlopCounterMode; the model's attention, 2 x 65^2 x 192 per block, is not counted). 1 + (model +
+    window) / encoder is what the parts add on one thread with the rest of the machine idle; it does not bound the
+    2-worker loaders' ratios, where two processes share the machine (two encoders side by side may slow each other
+    more than an encoder and a decoder do), and the loader's decoding and the Parquet sink come on top."""
+    torch.set_num_threads(1)
+    encoder = load_encoder(ENCODERS[config["encoder"]])
+    detector = timing_detector(encoder)
+    rule = WindowRule(reference=timing_reference(encoder))
+    images, _ = fashion_mnist("test")
+    pixels = to_float(resize_images(images[:config["images"]], encoder.input.decode_size))
+    scorers = {precision: Scorer(encoder, detector, precision=precision) for precision in PRECISIONS}
+    size = detector.config.image_size
+    chunks = [(pixels[i:i + CHUNK].contiguous(memory_format=torch.channels_last),  # as score_pixels lays them out
+               [f"k{j}" for j in range(i, i + CHUNK)]) for i in range(0, len(pixels) - CHUNK + 1, CHUNK)]
+    with torch.inference_mode():
+        embedded = [encoder.embed(chunk) for chunk, _ in chunks]
+        views = [resize_square(chunk, size) for chunk, _ in chunks]
+        parts = {"encoder": lambda i: encoder.embed(chunks[i][0])} | {
+            f"model_{precision}": (lambda i, s=scorer: s.reconstruction_error(views[i], embedded[i], chunks[i][1]))
+            for precision, scorer in scorers.items()}
+        for part in parts.values():  # warm up: the packed copies are made at the first call
+            part(0)
+        per_chunk: dict[str, list[float]] = {name: [] for name in parts}
+        for _ in range(config["rounds"]):
+            for name, part in parts.items():
+                start = time.perf_counter()
+                for i in range(len(chunks)):
+                    part(i)
+                per_chunk[name].append((time.perf_counter() - start) / len(chunks))
+        ms = {name: 1000 * statistics.median(times) for name, times in per_chunk.items()}
+        window = scorers["fp32"].score_all(images[:config["window"]], [f"w{i}" for i in range(config["window"])],
+                                           residuals=True)
+        window_s = []
+        for _ in range(3):  # a process's first window costs more (fresh pages): the median of three
+            start = time.perf_counter()
+            score_window(window.scores, window.embeddings, window.residuals, rule)
+            window_s.append(time.perf_counter() - start)
+        ms["window"] = 1000 * statistics.median(window_s) / config["window"] * CHUNK
+        with FlopCounterMode(display=False) as encoder_count:
+            encoder.embed(chunks[0][0])
+        visible = torch.empty(CHUNK, 0, dtype=torch.long)  # the paper's scoring mask shows no patch
+        with FlopCounterMode(display=False) as model_count:  # the plain model: packed layers are not counted
+            detector.model(patchify(views[0], detector.config.patch_size), embedded[0], visible)
+    macs = {"encoder": encoder_count.get_total_flops() / 2 / CHUNK, "model": model_count.get_total_flops() / 2 / CHUNK}
+    added = {precision: (ms[f"model_{precision}"] + ms["window"]) / ms["encoder"] for precision in PRECISIONS}
+    return {"encoder": config["encoder"], "images": len(chunks) * CHUNK, "chunk": CHUNK, "rounds": config["rounds"],
+            "window": config["window"], "bf16_packed": can_pack(torch.bfloat16),
+            "ms_per_chunk": {name: round(value, 2) for name, value in ms.items()},
+            "mmac_per_sample": {name: round(value / 1e6, 1) for name, value in macs.items()},
+            "gmac_per_s": {name: round(macs["encoder" if name == "encoder" else "model"] * CHUNK / ms[name] / 1e6, 1)
+                           for name in parts},
+            "model_over_encoder": {precision: round(ms[f"model_{precision}"] / ms["encoder"], 3)
+                                   for precision in PRECISIONS},
+            "one_thread_ratio": {precision: round(1 + value, 3) for precision, value in added.items()}}
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -482,6 +551,14 @@ def at224_ratios(spec: dict, rounds: list[dict]) -> dict:
                      for d in spec["decoders"]}
         out[kind.replace("ratios", "medians")] = {name: statistics.median(v) for name, v in out[kind].items()}
     return out
+
+
+def parts_section(plan: Plan) -> dict | None:
+    if not plan.parts:
+        return None
+    result = in_subprocess(plan.parts | {"parts": True})
+    log(f"parts: {result}")
+    return result
 
 
 def training_section(plan: Plan, root: Path) -> dict:
@@ -634,8 +711,29 @@ def loader_lines(loaders: dict, title: str) -> list[str]:
     return lines
 
 
+def parts_lines(parts: dict) -> list[str]:
+    ms, macs, rate = parts["ms_per_chunk"], parts["mmac_per_sample"], parts["gmac_per_s"]
+    lines = ["", (f"## The parts on one thread ({parts['encoder']}, {parts['images']} real images in chunks of "
+                  f"{parts['chunk']}, median of {parts['rounds']} alternated rounds; the window: one of "
+                  f"{parts['window']} samples, per chunk)"), "",
+             "| part | ms per chunk | M MAC per sample | GMAC/s | over the encoder |", "|---|---|---|---|---|",
+             f"| encoder | {ms['encoder']} | {macs['encoder']} | {rate['encoder']} | 1 |"]
+    for precision in PRECISIONS:
+        name = f"model_{precision}"
+        lines.append(f"| DeDe model, {precision} | {ms[name]} | {macs['model']} | {rate[name]} "
+                     f"| {parts['model_over_encoder'][precision]} |")
+    lines.append(f"| window (shipped rule) | {ms['window']} | | | {ms['window'] / ms['encoder']:.3f} |")
+    ratio = parts["one_thread_ratio"]
+    lines += ["", (f"The model does {macs['model'] / macs['encoder']:.3f} of the encoder's multiply-accumulates. "
+                   f"On one thread the parts add up to 1 + (model + window) / encoder = **{ratio['fp32']}x in fp32, "
+                   f"{ratio['bf16']}x in bf16**{'' if parts['bf16_packed'] else ' (bf16 autocast: no native bf16)'}. "
+                   "Not a bound on the 2-worker loaders' ratios: there two processes share the machine, and the "
+                   "loader's decoding and the Parquet sink come on top.")]
+    return lines
+
+
 def render(results: dict) -> str:
-    runs = [results[name] for name in ("loader", "memory", "at224", "shipped") if results.get(name)]
+    runs = [results[name] for name in ("loader", "memory", "at224", "shipped", "parts") if results.get(name)]
     lines = ["# Throughput", "", "Written by " + "; and by ".join(describe(run) for run in runs) + ".",
              ("Each configuration ran in a fresh subprocess; samples/s include DataLoader start-up. "
              "Timing uses a paper-size DeDe model (dim 192, 12 + 4 layers) with its seeded initial weights "
@@ -663,6 +761,8 @@ def render(results: dict) -> str:
                          + " | ".join(f"{c['samples_per_s']:.1f} samples/s, {c['cpu_seconds']:.0f} CPU s" for c in cs)
                          + " | " + " / ".join(f"{c['seconds'] / r['b']['seconds']:.2f} (CPU "
                                               f"{c['cpu_seconds'] / r['b']['cpu_seconds']:.2f})" for c in cs) + " |")
+    if results.get("parts"):
+        lines += parts_lines(results["parts"]["parts"])
     if results.get("training"):
         lines += ["", "## Decoder training, CPU seconds per epoch on one thread (paper-size DeDe model)", "",
                   ("| encoder | images | precision | embed once (wall s) | epoch, cached (s) | epoch, recomputing (s) "
@@ -711,7 +811,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-dir", default=".dedefilter-demo",
                         help="the demo's work folder: its cached detector is used for the bf16 AUROC check")
     parser.add_argument("--shards-only", action="store_true", help="build the shards this run needs, then stop")
-    parser.add_argument("--only", choices=["loader", "training", "precision", "at224", "shipped"],
+    parser.add_argument("--only", choices=["loader", "training", "precision", "at224", "shipped", "parts"],
                         help="run one section (at224 also on --device cuda)")
     parser.add_argument("--merge-gpu", metavar="JSON", help="add the loader section of a --device cuda run's "
                         "throughput.json to the results in --out as its GPU section, then stop")
@@ -720,7 +820,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.one:
         config = json.loads(args.one)
-        run = run_precision if "detector" in config else run_training if "images" in config else run_loader
+        run = (run_parts if "parts" in config else run_precision if "detector" in config
+               else run_training if "images" in config else run_loader)
         print(json.dumps(run(config)))
         return
     plan = PLANS[args.plan or ("gpu" if args.device == "cuda" else "quick" if args.quick else "full")]
@@ -771,6 +872,8 @@ def main(argv: list[str] | None = None) -> None:
             results = save("training", training_section(plan, root) if cpu else None)
         if only in (None, "precision"):
             results = save("precision", precision_section(Path(args.demo_dir)) if cpu else None)
+        if only in (None, "parts"):
+            results = save("parts", run | {"parts": parts_section(plan)} if cpu and plan.parts else None)
     print(render(results))
 
 

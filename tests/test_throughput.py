@@ -14,8 +14,8 @@ from conftest import SMALL
 
 from benchmarks.official_loop import official_errors, shuffled_visible
 from benchmarks.procmem import PeakSampler
-from benchmarks.throughput import run_loader, verdicts
-from dedefilter import Detector, Scorer
+from benchmarks.throughput import parts_lines, run_loader, run_parts, verdicts
+from dedefilter import DeDeConfig, Detector, Scorer
 from dedefilter.encoders import to_float
 from dedefilter.job import keep_freed_memory
 from dedefilter.masking import key_seeds, keyed_visible
@@ -95,6 +95,21 @@ def test_the_shipped_verdict_is_judged_at_the_largest_size_with_the_smaller_show
     found = verdicts({"shipped": {"by_samples": {"2048": at(1.5, 1.4), "8192": at(1.25, 1.2)}}})
     assert [ok for _, _, ok in found] == [True, False]  # fp32 1.25 <= 1.3; bf16 1.2 > 1.15
     assert all("8,192 samples" in claim and "at 2,048 samples" in figure for claim, figure, _ in found)
+
+
+def test_the_parts_count_the_paper_size_models_multiply_accumulates_and_add_up():
+    parts = run_parts({"encoder": "demo", "images": 32, "rounds": 1, "window": 64})
+    config = DeDeConfig()
+    n, dim, pixels = config.n_patches, config.dim, 3 * config.patch_size ** 2
+    # the decoder's blocks over n + 1 tokens (qkv, proj, the MLP: 12 dim^2 per token), the embedding's projection
+    # (the demo encoder's 256 dimensions) and the head; no patch is visible at the paper's scoring mask
+    linear = config.decoder_depth * (n + 1) * 12 * dim ** 2 + 256 * dim + n * dim * pixels
+    assert parts["mmac_per_sample"]["model"] == pytest.approx(linear / 1e6, abs=0.05)
+    ms = parts["ms_per_chunk"]
+    for precision in ("fp32", "bf16"):
+        assert parts["one_thread_ratio"][precision] == pytest.approx(
+            1 + (ms[f"model_{precision}"] + ms["window"]) / ms["encoder"], rel=2e-3)  # ms rounded to 0.01
+    assert f"{parts['one_thread_ratio']['fp32']}x in fp32" in "\n".join(parts_lines(parts))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
