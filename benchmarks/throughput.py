@@ -553,9 +553,7 @@ def at224_ratios(spec: dict, rounds: list[dict]) -> dict:
     return out
 
 
-def parts_section(plan: Plan) -> dict | None:
-    if not plan.parts:
-        return None
+def parts_section(plan: Plan) -> dict:
     result = in_subprocess(plan.parts | {"parts": True})
     log(f"parts: {result}")
     return result
